@@ -1,0 +1,327 @@
+"""The one owner of model lifetimes: a lazy-loading LRU cache that keeps resident models within a memory budget.
+
+Every entry is in one of three states (Ollama's scheduler and InvokeAI's cache are the models here):
+
+    LOADING  -> RESIDENT -> EVICTING -> (gone)
+       \\-> (gone, on a failed load: waiters get the same error, the next request tries again)
+
+Rules, each one a fault seen in other model managers:
+- look-up and pin are one atomic step under the lock, so a model cannot be evicted between "get" and "use";
+- concurrent requests for a model that is loading wait for that one load (single flight);
+- only idle (unpinned) RESIDENT entries are evicted, least recently used first; an EVICTING entry is never
+  handed out, a request for it waits and then loads it afresh;
+- memory is reserved from the estimate before loading, so the budget is never exceeded, and corrected to the
+  measured size after;
+- reading weights and freeing memory happen outside the lock; only bookkeeping is under it.
+
+The serving strategies are settings of this one cache: `lru` keeps models until memory is needed, `swap` frees a
+model as soon as its last user is done, `preload` loads models at start-up (see `preload`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable, Iterable, Iterator
+
+from studio import devices
+from studio.config import format_size
+from studio.registry import ModelSpec, Registry, resolve
+from studio.weights import ensure_local, estimate_bytes
+
+
+class State(str, Enum):
+    LOADING = "loading"
+    RESIDENT = "resident"
+    EVICTING = "evicting"
+    FAILED = "failed"  # terminal: the entry has left the table
+
+
+class CacheError(RuntimeError):
+    """A model could not be made available; the message is meant for the user."""
+
+
+class ModelTooLarge(CacheError):
+    pass
+
+
+class CacheBusy(CacheError):
+    pass
+
+
+class ModelLoadError(CacheError):
+    pass
+
+
+@dataclass(eq=False)
+class Entry:
+    spec: ModelSpec
+    state: State
+    bytes: int  # the estimate while LOADING, the measured size once RESIDENT
+    model: Any = None
+    pins: int = 0
+    last_used: float = 0.0
+    load_seconds: float = 0.0
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a request holds while it uses a model, plus what the request log wants to know about it."""
+
+    model: Any
+    spec: ModelSpec
+    hit: bool  # the model was already resident
+    wait_seconds: float  # waiting for memory or for another request's load of the same model
+    load_seconds: float  # this request's own load (0 on a hit)
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    id: str
+    modality: str
+    state: str
+    bytes: int
+    pins: int
+    idle_seconds: float
+    load_seconds: float
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    device: str
+    strategy: str
+    budget_bytes: int
+    used_bytes: int
+    peak_bytes: int
+    hits: int
+    misses: int
+    loads: int
+    load_failures: int
+    evictions: int
+    load_seconds: float
+    models: list[ModelStatus] = field(default_factory=list)
+
+
+def load_from_registry(spec: ModelSpec, device: str) -> Any:
+    """The default loader: get the files onto the disk, then call the backend named by the registry."""
+    return resolve(spec.loader)(spec, ensure_local(spec), device, spec.dtype(device))
+
+
+class ModelCache:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        budget: int,
+        device: str = "cpu",
+        strategy: str = "lru",
+        load_timeout: float = 300.0,
+        loader: Callable[[ModelSpec, str], Any] = load_from_registry,
+        estimate: Callable[[ModelSpec, str], int] | None = None,
+        measure: Callable[[Any], int] = devices.module_bytes,
+    ):
+        self.registry = registry
+        self.budget = budget
+        self.device = device
+        self.strategy = strategy
+        self.load_timeout = load_timeout
+        self._loader = loader
+        self._estimate = estimate or (lambda spec, dev: 0 if spec.external else estimate_bytes(spec, spec.dtype(dev)))
+        self._measure = measure
+        self._cond = threading.Condition(threading.RLock())
+        self._load_lock = threading.Lock()  # one load at a time: fair disk use, exact CUDA memory deltas
+        self._entries: dict[str, Entry] = {}
+        self._listeners: list[Callable[[str, dict], None]] = []
+        self._peak = 0
+        self._counts = {"hits": 0, "misses": 0, "loads": 0, "load_failures": 0, "evictions": 0}
+        self._load_seconds = 0.0
+
+    # ------------------------------------------------------------------ public API
+
+    @contextmanager
+    def use(self, model_id: str) -> Iterator[Lease]:
+        """Pin the model for the duration of the block, loading it first if needed."""
+        spec = self.registry.get(model_id)
+        entry, hit, waited, load_seconds = self._acquire(spec)
+        try:
+            yield Lease(entry.model, spec, hit, waited, load_seconds)
+        finally:
+            self._release(entry)
+
+    def preload(self, model_ids: Iterable[str]) -> None:
+        """Load models now (the `preload` strategy, or `--preload`), so the first request does not wait."""
+        for model_id in model_ids:
+            with self.use(model_id):
+                pass
+
+    def unload(self, model_id: str) -> bool:
+        """Evict one idle model now (the Models tab's button); False if it is in use or not resident."""
+        with self._cond:
+            entry = self._entries.get(model_id)
+            if entry is None or entry.state is not State.RESIDENT or entry.pins:
+                return False
+            entry.state = State.EVICTING
+        self._evict([entry])
+        return True
+
+    def clear(self) -> list[str]:
+        """Evict every idle model; models in use stay."""
+        with self._cond:
+            victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
+            for entry in victims:
+                entry.state = State.EVICTING
+        self._evict(victims)
+        return [e.spec.id for e in victims]
+
+    def add_listener(self, callback: Callable[[str, dict], None]) -> None:
+        """Called with ("hit" | "load" | "load_failed" | "evict", details) for metrics and logs."""
+        self._listeners.append(callback)
+
+    def snapshot(self) -> CacheSnapshot:
+        now = time.monotonic()
+        with self._cond:
+            models = [
+                ModelStatus(e.spec.id, e.spec.modality, e.state.value, e.bytes, e.pins,
+                            0.0 if e.pins else round(now - e.last_used, 1), round(e.load_seconds, 3))
+                for e in self._entries.values()
+            ]
+            return CacheSnapshot(self.device, self.strategy, self.budget, self._used(), self._peak,
+                                 load_seconds=round(self._load_seconds, 3), models=models, **self._counts)
+
+    # ------------------------------------------------------------------ internals
+
+    def _used(self) -> int:
+        return sum(e.bytes for e in self._entries.values())
+
+    def _emit(self, event: str, **details: Any) -> None:
+        for callback in self._listeners:
+            callback(event, details)
+
+    def _acquire(self, spec: ModelSpec) -> tuple[Entry, bool, float, float]:
+        start = time.monotonic()
+        deadline = start + self.load_timeout
+        waited_on_another = False
+        with self._cond:
+            while True:
+                entry = self._entries.get(spec.id)
+                if entry is not None and entry.state is State.RESIDENT:
+                    entry.pins += 1
+                    self._counts["hits"] += 1
+                    self._emit("hit", model=spec.id)
+                    return entry, not waited_on_another, time.monotonic() - start, 0.0
+                if entry is not None:  # LOADING or EVICTING: wait for it to settle
+                    waited_on_another = True
+                    self._cond.wait(timeout=1.0)
+                    if entry.state is State.FAILED:
+                        raise ModelLoadError(str(entry.error)) from entry.error
+                    continue
+                need = self._estimate(spec, self.device)
+                if need > self.budget:
+                    raise ModelTooLarge(
+                        f"{spec.id} needs about {format_size(need)} at {spec.dtype(self.device)}, more than the "
+                        f"whole memory budget of {format_size(self.budget)}; raise --memory-budget or pick a "
+                        "smaller model")
+                victims = self._victims(need)
+                if victims is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise CacheBusy(
+                            f"{spec.id} needs {format_size(need)} but every resident model is in use; waited "
+                            f"{self.load_timeout:.0f} s. Try again when the other requests finish.")
+                    self._cond.wait(timeout=min(remaining, 1.0))
+                    continue
+                for victim in victims:
+                    victim.state = State.EVICTING
+                entry = Entry(spec, State.LOADING, bytes=need, pins=1)
+                self._entries[spec.id] = entry
+                self._counts["misses"] += 1
+                self._peak = max(self._peak, self._used())
+                break
+        waited = time.monotonic() - start
+        self._evict(victims)
+        self._load(entry)
+        return entry, False, waited, entry.load_seconds
+
+    def _victims(self, need: int) -> list[Entry] | None:
+        """Least recently used idle models whose eviction makes room for `need` bytes; None if impossible."""
+        free = self.budget - self._used()
+        if need <= free:
+            return []
+        victims = []
+        idle = sorted((e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins),
+                      key=lambda e: e.last_used)
+        for entry in idle:
+            victims.append(entry)
+            free += entry.bytes
+            if need <= free:
+                return victims
+        return None
+
+    def _load(self, entry: Entry) -> None:
+        spec = entry.spec
+        try:
+            with self._load_lock:
+                before = devices.allocated_bytes(self.device)
+                start = time.monotonic()
+                model = self._loader(spec, self.device)
+                seconds = time.monotonic() - start
+                after = devices.allocated_bytes(self.device)
+            measured = after - before if before is not None and after is not None else self._measure(model)
+        except BaseException as exc:
+            with self._cond:
+                entry.state, entry.error = State.FAILED, exc
+                del self._entries[spec.id]
+                self._counts["load_failures"] += 1
+                self._cond.notify_all()
+            devices.release_memory(self.device)
+            self._emit("load_failed", model=spec.id, error=type(exc).__name__)
+            if isinstance(exc, CacheError):
+                raise
+            raise ModelLoadError(f"could not load {spec.id} from {spec.source}: {exc}") from exc
+        with self._cond:
+            entry.model = model
+            entry.bytes = measured or entry.bytes
+            entry.load_seconds = seconds
+            entry.state = State.RESIDENT
+            self._counts["loads"] += 1
+            self._load_seconds += seconds
+            victims = self._victims(0)  # [] unless the measured size came out above the estimate
+            if victims is None:  # the estimate was low and the rest is in use: free what we can
+                victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
+            for victim in victims:
+                victim.state = State.EVICTING
+            self._peak = max(self._peak, self._used())
+            self._cond.notify_all()
+        self._evict(victims)
+        self._emit("load", model=spec.id, seconds=seconds, bytes=entry.bytes)
+
+    def _release(self, entry: Entry) -> None:
+        with self._cond:
+            entry.pins -= 1
+            entry.last_used = time.monotonic()
+            evict = self.strategy == "swap" and entry.pins == 0 and entry.state is State.RESIDENT
+            if evict:
+                entry.state = State.EVICTING
+            self._cond.notify_all()
+        if evict:
+            self._evict([entry])
+
+    def _evict(self, victims: list[Entry]) -> None:
+        """Drop every reference the cache holds, collect, and give the memory back to the device."""
+        if not victims:
+            return
+        for entry in victims:
+            entry.model = None
+        devices.release_memory(self.device)
+        with self._cond:
+            for entry in victims:
+                if self._entries.get(entry.spec.id) is entry:
+                    del self._entries[entry.spec.id]
+                self._counts["evictions"] += 1
+            self._cond.notify_all()
+        for entry in victims:
+            self._emit("evict", model=entry.spec.id, bytes=entry.bytes)

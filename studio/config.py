@@ -1,0 +1,212 @@
+"""All settings of the studio, in one place: CLI flags with environment-variable equivalents.
+
+A flag wins over its environment variable, which wins over the default. Invalid values stop
+start-up with one line naming the flag and exit code 2, so a typo never starts a half-configured server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+PROFILES = ("auto", "default", "tiny")
+STRATEGIES = ("lru", "swap", "preload")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SPACES_DATA = Path("/data")  # Hugging Face Spaces mounts persistent storage here
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value; the message starts with the flag's name."""
+
+
+def parse_size(text: str) -> int:
+    """Parse '6GiB', '512MB', '1.5g' or a plain byte count into bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size like 6GiB, 512MB or 1000000")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"{text!r} must be larger than zero")
+    return size
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    profile: str = "auto"
+    memory_budget: int | None = None  # bytes; None = derived from the device (see devices.default_budget)
+    strategy: str = "lru"
+    preload: tuple[str, ...] = ()
+    device: str = "auto"
+    log_dir: Path = Path("logs")
+    lora_dir: Path = Path("lora_adapters")
+    log_prompts: bool = False
+    share: bool = False
+    auth: tuple[tuple[str, str], ...] = ()
+    allow_public: bool = False
+    api_keys: tuple[str, ...] = ()
+    mcp: bool = False
+    providers: Path | None = None  # external OpenAI-compatible providers (YAML)
+    load_timeout: float = 300.0  # seconds a request waits for memory while every model is in use
+    concurrency: int = 1  # generations at once per model
+    analytics: bool = False  # Gradio's own usage analytics (off unless the user opts in)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the whole usage)
+        print(f"studio: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _env(env: dict, *names: str, default: str | None = None) -> str | None:
+    for name in names:
+        if env.get(name):
+            return env[name]
+    return default
+
+
+def _flag(env: dict, name: str) -> bool:
+    return str(env.get(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+def build_parser(env: dict) -> argparse.ArgumentParser:
+    p = _Parser(prog="app.py", description="Multi-modal generative-AI studio (Gradio UI + HTTP API).")
+    a = p.add_argument
+    a("--host", default=_env(env, "STUDIO_HOST", "GRADIO_SERVER_NAME", default="127.0.0.1"),
+      help="interface to listen on (env STUDIO_HOST or GRADIO_SERVER_NAME)")
+    a("--port", default=_env(env, "STUDIO_PORT", "GRADIO_SERVER_PORT", default="7860"),
+      help="port (env STUDIO_PORT or GRADIO_SERVER_PORT)")
+    a("--profile", default=_env(env, "STUDIO_PROFILE", default="auto"),
+      help="auto | default | tiny (env STUDIO_PROFILE); auto falls back to tiny when offline")
+    a("--memory-budget", default=_env(env, "STUDIO_MEMORY_BUDGET"),
+      help="memory for resident models, e.g. 6GiB (env STUDIO_MEMORY_BUDGET); "
+           "default: free VRAM minus a reserve on CUDA, half the RAM on CPU")
+    a("--strategy", default=_env(env, "STUDIO_STRATEGY", default="lru"), help="lru | swap | preload (env STUDIO_STRATEGY)")
+    a("--preload", default=_env(env, "STUDIO_PRELOAD", default=""),
+      help="comma-separated model ids to load at start-up (env STUDIO_PRELOAD); with --strategy preload and "
+           "no list, all local models")
+    a("--device", default=_env(env, "STUDIO_DEVICE", default="auto"), help="auto | cpu | cuda | mps (env STUDIO_DEVICE)")
+    a("--log-dir", default=_env(env, "STUDIO_LOG_DIR"),
+      help="request logs folder (env STUDIO_LOG_DIR; default /data/logs on Spaces with storage, else logs/)")
+    a("--lora-dir", default=_env(env, "STUDIO_LORA_DIR", default="lora_adapters"),
+      help="extra folder scanned for LoRA adapters (env STUDIO_LORA_DIR)")
+    a("--log-prompts", action="store_true", default=_flag(env, "STUDIO_LOG_PROMPTS"),
+      help="store prompt text in the logs (env STUDIO_LOG_PROMPTS); otherwise only its length and hash")
+    a("--share", action="store_true", default=_flag(env, "STUDIO_SHARE"), help="create a public Gradio link (env STUDIO_SHARE)")
+    a("--auth", default=_env(env, "STUDIO_AUTH"),
+      help="user:password[,user:password] or a file with one per line (env STUDIO_AUTH)")
+    a("--allow-public", action="store_true", default=_flag(env, "STUDIO_ALLOW_PUBLIC"),
+      help="allow --share without --auth (env STUDIO_ALLOW_PUBLIC)")
+    a("--api-key", action="append", default=None,
+      help="require 'Authorization: Bearer KEY' on /v1 and /generate (repeatable; env STUDIO_API_KEYS, comma-separated)")
+    a("--mcp", action="store_true", default=_flag(env, "STUDIO_MCP") or _flag(env, "GRADIO_MCP_SERVER"),
+      help="expose generation as MCP tools (env STUDIO_MCP or GRADIO_MCP_SERVER)")
+    a("--providers", default=_env(env, "STUDIO_PROVIDERS"),
+      help="YAML file of external OpenAI-compatible providers (env STUDIO_PROVIDERS)")
+    a("--load-timeout", default=_env(env, "STUDIO_LOAD_TIMEOUT", default="300"),
+      help="seconds a request waits for memory while every resident model is busy (env STUDIO_LOAD_TIMEOUT)")
+    a("--concurrency", default=_env(env, "STUDIO_CONCURRENCY", default="1"),
+      help="generations at once per model (env STUDIO_CONCURRENCY)")
+    a("--analytics", action="store_true", default=_flag(env, "STUDIO_GRADIO_ANALYTICS"),
+      help="opt in to Gradio's usage analytics (env STUDIO_GRADIO_ANALYTICS)")
+    return p
+
+
+def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{flag}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _number(flag: str, value: str, kind: type, low: float, high: float | None = None):
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ConfigError(f"{flag}: {value!r} is not a number") from None
+    if number < low or (high is not None and number > high):
+        raise ConfigError(f"{flag}: {value} is outside {low}..{high if high is not None else 'inf'}")
+    return number
+
+
+def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
+    if not value:
+        return ()
+    path = Path(value)
+    lines = path.read_text().split() if path.is_file() else value.split(",")
+    pairs = []
+    for item in filter(None, (line.strip() for line in lines)):
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise ConfigError(f"--auth: expected user:password, got {item.split(':')[0]!r}:…")
+        pairs.append((user, password))
+    return tuple(pairs)
+
+
+def default_log_dir() -> Path:
+    return SPACES_DATA / "logs" if SPACES_DATA.is_dir() and os.access(SPACES_DATA, os.W_OK) else Path("logs")
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -> Settings:
+    """Turn CLI flags and environment variables into Settings; raises ConfigError naming the flag."""
+    env = dict(os.environ if env is None else env)
+    ns = build_parser(env).parse_args(argv)
+    try:
+        budget = parse_size(ns.memory_budget) if ns.memory_budget else None
+    except ValueError as exc:
+        raise ConfigError(f"--memory-budget: {exc}") from None
+    api_keys = ns.api_key or [k for k in (env.get("STUDIO_API_KEYS") or "").split(",") if k.strip()]
+    settings = Settings(
+        host=ns.host,
+        port=_number("--port", ns.port, int, 1, 65535),
+        profile=_choice("--profile", ns.profile, PROFILES),
+        memory_budget=budget,
+        strategy=_choice("--strategy", ns.strategy, STRATEGIES),
+        preload=tuple(m.strip() for m in ns.preload.split(",") if m.strip()),
+        device=_choice("--device", ns.device, DEVICES),
+        log_dir=Path(ns.log_dir) if ns.log_dir else default_log_dir(),
+        lora_dir=Path(ns.lora_dir),
+        log_prompts=ns.log_prompts,
+        share=ns.share,
+        auth=_auth(ns.auth),
+        allow_public=ns.allow_public,
+        api_keys=tuple(k.strip() for k in api_keys),
+        mcp=ns.mcp,
+        providers=Path(ns.providers) if ns.providers else None,
+        load_timeout=_number("--load-timeout", ns.load_timeout, float, 0.1),
+        concurrency=_number("--concurrency", ns.concurrency, int, 1, 64),
+        analytics=ns.analytics,
+    )
+    if settings.providers and not settings.providers.is_file():
+        raise ConfigError(f"--providers: {settings.providers} is not a file")
+    if settings.share and not settings.auth and not settings.allow_public:
+        raise ConfigError(
+            "--share: a public link exposes every endpoint and this machine's accelerator to anyone who has it; "
+            "add --auth user:password (or STUDIO_AUTH), or --allow-public to accept that"
+        )
+    return settings
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    """parse_settings for the command line: an invalid value prints one line and exits with code 2."""
+    try:
+        return parse_settings(argv)
+    except ConfigError as exc:
+        print(f"studio: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

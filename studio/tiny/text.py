@@ -1,0 +1,70 @@
+"""Tiny chat models (Llama and Qwen2 architectures) with a byte-level BPE tokenizer trained in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.registry import ModelSpec
+from studio.tiny import seeded
+
+# TinyLlama's Zephyr-style template; Qwen2 uses ChatML. Both match the real models' own templates in shape.
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "Hello! How can I help you today? The quick brown fox jumps over the lazy dog.",
+    "Generative models write text, speak, paint images and shape 3D objects.",
+    "<|system|> <|user|> <|assistant|> <|im_start|> <|im_end|> system user assistant",
+] * 20
+
+
+def _tokenizer(specials: list[str], template: str, eos: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, unk_token=None)
+    fast.chat_template = template
+    assert fast("hello world")["input_ids"], "tiny tokenizer encodes nothing"
+    return fast
+
+
+def _save(folder: Path, model, tokenizer) -> None:
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_llama(folder: Path, spec: ModelSpec) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"], ZEPHYR_TEMPLATE, "</s>")
+    seeded()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=spec.options.get("context_length", 256),
+                         bos_token_id=tokenizer.convert_tokens_to_ids("<s>"), eos_token_id=tokenizer.eos_token_id)
+    _save(folder, LlamaForCausalLM(config), tokenizer)
+
+
+def build_qwen2(folder: Path, spec: ModelSpec) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], CHATML_TEMPLATE, "<|im_end|>")
+    seeded()
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=spec.options.get("context_length", 256),
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    _save(folder, Qwen2ForCausalLM(config), tokenizer)
