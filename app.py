@@ -4,17 +4,17 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no call home unless the user opts in (--analytics)
 
-from studio.config import ConfigError, load_settings  # noqa: E402
-from studio.runtime import create_studio  # noqa: E402
-from studio.server import launch  # noqa: E402
+from studio.config import exit_on_config_error, parse_settings  # noqa: E402
 
 
 def main() -> None:
-    settings = load_settings()
-    try:
+    with exit_on_config_error():
+        settings = parse_settings()  # before the heavy imports: --help and typos answer at once
+        from studio.runtime import create_studio
+
         studio = create_studio(settings)
-    except ConfigError as exc:
-        raise SystemExit(f"studio: error: {exc}") from None
+    from studio.server import launch
+
     launch(studio)
 
 

@@ -95,7 +95,7 @@ class CacheSnapshot:
     device: str
     strategy: str
     budget_bytes: int
-    used_bytes: int
+    used_bytes: int  # held by resident (and not yet freed) models
     peak_bytes: int
     hits: int
     misses: int
@@ -108,7 +108,8 @@ class CacheSnapshot:
 
 def load_from_registry(spec: ModelSpec, device: str) -> Any:
     """The default loader: get the files onto the disk, then call the backend named by the registry."""
-    return resolve(spec.loader)(spec, ensure_local(spec), device, spec.dtype(device))
+    path = ensure_local(spec)
+    return resolve(spec.loader)(spec, path, device, spec.dtype(device))
 
 
 class ModelCache:
@@ -189,13 +190,19 @@ class ModelCache:
                             0.0 if e.pins else round(now - e.last_used, 1), round(e.load_seconds, 3))
                 for e in self._entries.values()
             ]
-            return CacheSnapshot(self.device, self.strategy, self.budget, self._used(), self._peak,
+            return CacheSnapshot(self.device, self.strategy, self.budget, self._held(), self._peak,
                                  load_seconds=round(self._load_seconds, 3), models=models, **self._counts)
 
     # ------------------------------------------------------------------ internals
 
     def _used(self) -> int:
+        """Memory spoken for: held by models plus reserved for loads in progress (what admission checks)."""
         return sum(e.bytes for e in self._entries.values())
+
+    def _held(self) -> int:
+        """Memory models really hold. A load frees its victims before it starts and loads run one at a time,
+        so this, not `_used`, is what the device sees."""
+        return sum(e.bytes for e in self._entries.values() if e.state is not State.LOADING)
 
     def _emit(self, event: str, **details: Any) -> None:
         for callback in self._listeners:
@@ -239,7 +246,6 @@ class ModelCache:
                 entry = Entry(spec, State.LOADING, bytes=need, pins=1)
                 self._entries[spec.id] = entry
                 self._counts["misses"] += 1
-                self._peak = max(self._peak, self._used())
                 break
         waited = time.monotonic() - start
         self._evict(victims)
@@ -289,12 +295,12 @@ class ModelCache:
             entry.state = State.RESIDENT
             self._counts["loads"] += 1
             self._load_seconds += seconds
+            self._peak = max(self._peak, self._held())
             victims = self._victims(0)  # [] unless the measured size came out above the estimate
             if victims is None:  # the estimate was low and the rest is in use: free what we can
                 victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
             for victim in victims:
                 victim.state = State.EVICTING
-            self._peak = max(self._peak, self._used())
             self._cond.notify_all()
         self._evict(victims)
         self._emit("load", model=spec.id, seconds=seconds, bytes=entry.bytes)

@@ -12,7 +12,8 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 PROFILES = ("auto", "default", "tiny")
 STRATEGIES = ("lru", "swap", "preload")
@@ -203,10 +204,11 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
     return settings
 
 
-def load_settings(argv: Sequence[str] | None = None) -> Settings:
-    """parse_settings for the command line: an invalid value prints one line and exits with code 2."""
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """For the command line: an invalid setting prints one line and exits with code 2."""
     try:
-        return parse_settings(argv)
+        yield
     except ConfigError as exc:
         print(f"studio: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import gradio as gr
 import pandas as pd
 
@@ -37,6 +39,10 @@ def build(studio: Studio) -> None:
     def show():
         return _table(studio)
 
+    def models_status() -> dict:
+        """The model cache's state: resident models with their size and pins, hits, misses, loads, evictions."""
+        return asdict(studio.cache.snapshot())
+
     def unload_one(model_id: str | None):
         if not model_id:
             raise gr.Error("Pick a resident model to unload.")
@@ -53,3 +59,4 @@ def build(studio: Studio) -> None:
     gr.on([refresh.click, gr.Timer(5).tick], show, outputs=outputs, api_visibility="private", show_progress="hidden")
     unload.click(unload_one, choice, outputs, api_visibility="private")
     free_all.click(unload_all, None, outputs, api_visibility="private")
+    gr.api(models_status, api_name="models")

@@ -1,0 +1,262 @@
+"""Every rule of the model cache, with fake models (exact sizes, controllable load times) and real tensors."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import weakref
+
+import pytest
+import torch
+
+from studio import devices
+from studio.cache import CacheBusy, ModelCache, ModelLoadError, ModelTooLarge
+from studio.registry import ModelSpec, Registry, UnknownModelError
+
+MB = 2**20
+
+
+class Fake:
+    def __init__(self, spec: ModelSpec):
+        self.id = spec.id
+        self.nbytes = spec.params
+
+
+def registry(**sizes_mb: int) -> Registry:
+    return Registry("test", [ModelSpec(id=k, modality="chat", label=k, loader="x:y", params=v * MB)
+                             for k, v in sizes_mb.items()])
+
+
+class Loader:
+    """Counts loads per model, can be slowed down or made to fail."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.calls: list[str] = []
+        self.fail: set[str] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, spec: ModelSpec, device: str) -> Fake:
+        with self.lock:
+            self.calls.append(spec.id)
+        time.sleep(self.delay)
+        if spec.id in self.fail:
+            raise OSError(f"weights of {spec.id} are corrupt")
+        return Fake(spec)
+
+
+def make_cache(budget_mb: int, loader: Loader | None = None, **kw) -> tuple[ModelCache, Loader]:
+    loader = loader or Loader()
+    cache = ModelCache(registry(a=40, b=30, c=20, d=50, huge=200), budget=budget_mb * MB, loader=loader,
+                       estimate=lambda spec, dev: spec.params, measure=lambda m: m.nbytes, **kw)
+    return cache, loader
+
+
+def resident(cache: ModelCache) -> list[str]:
+    return sorted(m.id for m in cache.snapshot().models if m.state == "resident")
+
+
+def test_lazy_load_then_hit():
+    cache, loader = make_cache(100)
+    assert resident(cache) == []
+    with cache.use("a") as lease:
+        assert not lease.hit and lease.model.id == "a"
+    with cache.use("a") as lease:
+        assert lease.hit and lease.load_seconds == 0
+    snap = cache.snapshot()
+    assert loader.calls == ["a"] and (snap.hits, snap.misses, snap.loads) == (1, 1, 1)
+
+
+def test_unknown_model():
+    cache, _ = make_cache(100)
+    with pytest.raises(UnknownModelError, match="available"):
+        with cache.use("nope"):
+            pass
+
+
+def test_single_flight_with_threads():
+    cache, loader = make_cache(100, Loader(delay=0.3))
+    barrier = threading.Barrier(8)
+    models = []
+
+    def worker():
+        barrier.wait()
+        with cache.use("a") as lease:
+            models.append(lease.model)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loader.calls == ["a"]
+    assert len(models) == 8 and all(m is models[0] for m in models)
+
+
+def test_lru_eviction_order():
+    cache, _ = make_cache(100)
+    for name in ("a", "b", "c"):  # 40 + 30 + 20 = 90
+        with cache.use(name):
+            pass
+    with cache.use("a"):  # a is now the most recently used
+        pass
+    with cache.use("d"):  # needs 50: evicts b (LRU, 30), then c (20)
+        pass
+    assert resident(cache) == ["a", "d"]
+    assert cache.snapshot().evictions == 2
+
+
+def test_pinned_model_is_never_evicted_and_request_waits_bounded():
+    cache, _ = make_cache(100, load_timeout=0.5)
+    with cache.use("a"), cache.use("d"):  # 90 MB pinned
+        start = time.monotonic()
+        with pytest.raises(CacheBusy, match="in use"):
+            with cache.use("b"):
+                pass
+        assert 0.4 < time.monotonic() - start < 3
+        assert resident(cache) == ["a", "d"]
+    with cache.use("b"):  # once released, it fits by evicting an idle model
+        pass
+
+
+def test_waiting_request_proceeds_when_pin_released():
+    cache, _ = make_cache(100, load_timeout=10)
+    got = []
+    with cache.use("a"), cache.use("d"):
+        t = threading.Thread(target=lambda: got.append(cache.use("b").__enter__().model.id))
+        t.start()
+        time.sleep(0.3)
+        assert not got
+    t.join(5)
+    assert got == ["b"]
+
+
+def test_budget_never_exceeded_under_concurrency():
+    cache, _ = make_cache(100, Loader(delay=0.01), load_timeout=30)
+    peak = []
+    names = ["a", "b", "c", "d"] * 10
+    errors = []
+
+    def worker(name):
+        try:
+            with cache.use(name):
+                peak.append(cache.snapshot().used_bytes)
+                time.sleep(0.01)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert max(peak) <= 100 * MB and cache.snapshot().peak_bytes <= 100 * MB
+
+
+def test_model_larger_than_budget_is_a_clear_error():
+    cache, loader = make_cache(100)
+    with pytest.raises(ModelTooLarge, match="huge needs about 200.00 MiB.*budget of 100.00 MiB"):
+        with cache.use("huge"):
+            pass
+    assert loader.calls == [] and cache.snapshot().used_bytes == 0
+
+
+def test_failing_load_leaves_cache_consistent_and_retries():
+    loader = Loader(delay=0.2)
+    loader.fail.add("a")
+    cache, _ = make_cache(100, loader)
+    errors = []
+
+    def worker():
+        try:
+            with cache.use("a"):
+                pass
+        except ModelLoadError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 3 and all("a" in e and "corrupt" in e for e in errors)
+    assert loader.calls == ["a"]  # the waiters got the same error, no retry storm
+    snap = cache.snapshot()
+    assert snap.models == [] and snap.used_bytes == 0 and snap.load_failures == 1
+    loader.fail.clear()
+    with cache.use("a") as lease:  # the next request tries again
+        assert lease.model.id == "a"
+
+
+def test_swap_strategy_frees_after_each_request():
+    cache, loader = make_cache(100, strategy="swap")
+    for _ in range(3):
+        with cache.use("a"):
+            assert resident(cache) == ["a"]
+        assert resident(cache) == []
+    assert loader.calls == ["a", "a", "a"]
+
+
+def test_preload_and_manual_unload():
+    cache, loader = make_cache(100)
+    cache.preload(["a", "b"])
+    assert resident(cache) == ["a", "b"]
+    with cache.use("a"):
+        assert not cache.unload("a")  # in use
+    assert cache.unload("a") and resident(cache) == ["b"]
+    assert cache.clear() == ["b"] and resident(cache) == []
+
+
+def test_measured_size_replaces_estimate():
+    cache = ModelCache(registry(a=40), budget=100 * MB, loader=lambda s, d: Fake(s),
+                       estimate=lambda s, d: 10 * MB, measure=lambda m: 25 * MB)
+    with cache.use("a"):
+        assert cache.snapshot().used_bytes == 25 * MB
+
+
+def test_listeners_see_events():
+    cache, _ = make_cache(60)
+    events = []
+    cache.add_listener(lambda event, details: events.append((event, details["model"])))
+    with cache.use("a"):
+        pass
+    with cache.use("a"):
+        pass
+    with cache.use("b"):  # 40 + 30 > 60: evicts a
+        pass
+    assert events == [("load", "a"), ("hit", "a"), ("evict", "a"), ("load", "b")]
+
+
+class Big(torch.nn.Module):
+    def __init__(self, mb: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(mb * MB // 4))
+
+
+def test_memory_returns_to_baseline_after_50_cycles():
+    """Real tensors (64 MiB each): eviction must drop every reference so the memory goes back."""
+    spec_size = 64
+    reg = Registry("t", [ModelSpec(id=f"m{i}", modality="chat", label="m", loader="x:y", params=spec_size * MB)
+                         for i in range(2)])
+    refs = []
+
+    def load(spec, device):
+        model = Big(spec_size)
+        refs.append(weakref.ref(model))
+        return model
+
+    cache = ModelCache(reg, budget=100 * MB, loader=load, estimate=lambda s, d: s.params)
+    gc.collect()
+    baseline = devices.rss_bytes()
+    for i in range(50):  # alternate: every request evicts the other model
+        with cache.use(f"m{i % 2}") as lease:
+            assert lease.model.weight.numel() * 4 == spec_size * MB
+    del lease  # the caller's own reference; the cache must hold no other
+    cache.clear()
+    gc.collect()
+    growth = devices.rss_bytes() - baseline
+    assert all(r() is None for r in refs), "an evicted model is still referenced"
+    assert cache.snapshot().evictions == 50
+    assert growth < 100 * MB, f"RSS grew by {growth / MB:.0f} MiB over 50 load/evict cycles of 64 MiB models"

@@ -1,0 +1,65 @@
+"""Profiles, the offline fallback, and the tiny profile: every model builds, loads through the cache and
+reloads to the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from studio import devices
+from studio.cache import ModelCache, ModelLoadError
+from studio.registry import DEFAULT_MODELS, MODALITIES, TINY_MODELS, Registry, select_profile
+from studio.weights import estimate_bytes, safetensors_bytes, tiny_root
+
+
+def test_both_profiles_cover_every_modality():
+    for models in (DEFAULT_MODELS, TINY_MODELS):
+        assert {s.modality for s in models} == set(MODALITIES)
+        assert "piper-joe" in {s.id for s in models}
+    repos = {s.repo for s in DEFAULT_MODELS}
+    assert {"TinyLlama/TinyLlama-1.1B-Chat-v1.0", "suno/bark-small", "facebook/mms-tts-eng",
+            "stabilityai/sd-turbo", "openai/shap-e"} <= repos
+    assert len([s for s in DEFAULT_MODELS if s.modality == "chat"]) >= 2
+    assert all(s.stands_for for s in TINY_MODELS if s.build)
+
+
+def test_auto_falls_back_to_tiny_offline_and_names_the_real_models():
+    choice = select_profile("auto")  # HF_HUB_OFFLINE=1 and nothing cached
+    assert choice.registry.name == "tiny"
+    assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" in choice.notice and "tiny profile" in choice.notice
+
+
+def test_explicit_default_does_not_fall_back_and_fails_clearly_on_use():
+    choice = select_profile("default")
+    assert choice.registry.name == "default" and choice.notice is None
+    cache = ModelCache(choice.registry, budget=64 * 2**30)
+    with pytest.raises(ModelLoadError, match="mms-tts-eng.*facebook/mms-tts-eng.*HF_HUB_OFFLINE"):
+        with cache.use("mms-tts-eng"):
+            pass
+    assert cache.snapshot().models == []
+
+
+@pytest.mark.parametrize("spec", [s for s in TINY_MODELS if s.build], ids=lambda s: s.id)
+def test_tiny_model_builds_loads_and_reloads_identically(spec):
+    registry = Registry("tiny", [spec])
+    cache = ModelCache(registry, budget=2 * 2**30)
+    with cache.use(spec.id) as lease:
+        first = {k: v.clone() for k, v in _state(lease.model).items()}
+        measured = devices.module_bytes(lease.model)
+    del lease
+    folder = tiny_root() / spec.id
+    assert (folder / ".complete").exists()
+    assert safetensors_bytes(folder, "float32") > 0
+    assert estimate_bytes(spec, "float32") == pytest.approx(measured, rel=0.25)
+    cache.clear()
+    with cache.use(spec.id) as lease:
+        again = _state(lease.model)
+        assert not lease.hit
+    assert first.keys() == again.keys() and first
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    from studio.devices import _modules
+
+    return {f"{i}.{k}": v for i, m in enumerate(_modules(model, set())) for k, v in m.state_dict().items()}
