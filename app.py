@@ -2,6 +2,9 @@
 
 import os
 
+from studio import spaces
+
+spaces.configure()  # first: HF_HOME on Spaces storage, and ZeroGPU's `spaces` package, before torch and the Hub load
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no call home unless the user opts in (--analytics)
 
 from studio.config import exit_on_config_error, parse_settings  # noqa: E402
@@ -13,9 +16,9 @@ def main() -> None:
         from studio.runtime import create_studio
 
         studio = create_studio(settings)
-    from studio.server import launch
+        from studio.server import launch
 
-    launch(studio)
+        launch(studio)  # refuses settings that only conflict at launch (--mcp with --auth)
 
 
 if __name__ == "__main__":

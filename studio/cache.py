@@ -169,6 +169,26 @@ class ModelCache:
         self._evict([entry])
         return True
 
+    def grow(self, model_id: str, nbytes: int) -> None:
+        """Count memory a pinned model gained while in use (a LoRA adapter loaded into it; negative when freed).
+
+        Idle models are evicted, least recently used first, to stay within the budget; when every other model
+        is in use the budget is exceeded until they are released, as after a load measured above its estimate.
+        """
+        with self._cond:
+            entry = self._entries.get(model_id)
+            if entry is None or not entry.pins:
+                raise ValueError(f"{model_id} is not in use; only a pinned model can grow")
+            entry.bytes += nbytes
+            victims = self._victims(0) if nbytes > 0 else []
+            if victims is None:  # the rest is in use too: free what we can
+                victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
+            for victim in victims:
+                victim.state = State.EVICTING
+            self._peak = max(self._peak, self._used())
+            self._cond.notify_all()  # a shrink may let a waiting load in
+        self._evict(victims)
+
     def clear(self) -> list[str]:
         """Evict every idle model; models in use stay."""
         with self._cond:

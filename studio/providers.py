@@ -10,41 +10,49 @@ Every provider failure becomes a `ProviderError` whose message is meant for the 
 
 from __future__ import annotations
 
+import base64
 import io
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
+import numpy as np
 import openai
+import soundfile
 import yaml
+from PIL import Image
 
 from studio.cache import CacheError
 from studio.config import ConfigError
 from studio.registry import ModelSpec, Registry
 
 if TYPE_CHECKING:
-    import threading
-
-    import numpy as np
-    from PIL import Image
+    from studio.backends.chat import ChatEvent, ChatRequest
+    from studio.backends.image import ImageResult
+    from studio.runtime import Studio
 
 MODALITIES = ("chat", "image", "speech")
-PROVIDER_KEYS = {"name", "base_url", "api_key_env", "timeout", "max_retries", "models"}
+PROVIDER_KEYS = {"name", "base_url", "api_key_env", "timeout", "max_retries", "extensions", "models"}
 MODEL_KEYS = {"id", "name", "modality", "label", "options"}
 # Caps for the tabs' sliders and the services' checks; a model's `options` in the file override them.
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "chat": {"context_length": 8192, "max_new_tokens": 2048},
+    "chat": {"max_new_tokens": 4096, "default_max_new_tokens": 512},
     "image": {"steps": 30, "max_steps": 100, "guidance": 7.0, "width": 1024, "height": 1024, "max_size": 2048,
               "negative_prompt": True},
-    "speech": {"voices": ["alloy"], "default_voice": "alloy"},
+    "speech": {"voices": ["alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer"],
+               "default_voice": "alloy"},
 }
 
 
 class ProviderError(CacheError):
-    """The provider could not serve the request; `status` is the HTTP status the studio's API answers with."""
+    """The provider could not serve the request; `status` is the HTTP status the studio's API answers with.
+
+    A CacheError (the model is not available right now), so every place that reports those to the user (the
+    tabs' gr.Error, the API's error handlers) reports this too."""
 
     def __init__(self, message: str, status: int = 502):
         super().__init__(message)
@@ -58,6 +66,9 @@ class Provider:
     api_key_env: str | None = None  # None: the server needs no key (a local vLLM, Ollama, llama.cpp)
     timeout: float = 120.0  # seconds for one request (connect, and each read while streaming)
     max_retries: int = 1  # the openai package retries connection errors, 429 and 5xx with back-off
+    # Also send the fields beyond OpenAI's: top_k and repetition_penalty for chat; negative_prompt, steps,
+    # guidance_scale, seed and adapters for images. vLLM and another studio understand them; OpenAI refuses them.
+    extensions: bool = False
 
 
 @dataclass
@@ -67,6 +78,26 @@ class ProviderClient:
     provider: Provider
     model: str
     client: openai.OpenAI
+
+
+@dataclass
+class ProviderSpeech(ProviderClient):
+    """An external speech model, with the speech service's model interface (`speak`, `sample_rate`, `seeded`),
+    so long text is split, spoken piece by piece, stopped and logged exactly as with a local voice."""
+
+    sample_rate: int = 24_000  # OpenAI's rate until the provider's first answer tells its own
+    seeded: ClassVar[bool] = False  # the OpenAI speech API takes no seed
+
+    def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
+        with _calling(self):
+            answer = self.client.audio.speech.create(model=self.model, input=text, voice=voice or "default",
+                                                     response_format="wav")
+        try:
+            audio, rate = soundfile.read(io.BytesIO(answer.content), dtype="float32", always_2d=True)
+        except (RuntimeError, soundfile.LibsndfileError) as exc:
+            raise ProviderError(f"provider {self.provider.name} answered with audio that is not WAV: {exc}") from exc
+        self.sample_rate = int(rate)  # one model always answers at one rate
+        return audio.mean(axis=1)
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -90,6 +121,7 @@ def read_config(path: Path) -> list[ModelSpec]:
             api_key_env=_text(entry, "api_key_env", where, required=False),
             timeout=_number(entry, "timeout", where, Provider.timeout),
             max_retries=int(_number(entry, "max_retries", where, Provider.max_retries)),
+            extensions=_flag(entry, "extensions", where),
         )
         if not provider.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}: base_url must start with http:// or https://, got {provider.base_url!r}")
@@ -97,8 +129,8 @@ def read_config(path: Path) -> list[ModelSpec]:
         if not isinstance(models, list) or not models:
             raise ConfigError(f"{where} ({provider.name}): models must be a non-empty list")
         for model_number, model in enumerate(models, 1):
-            specs.append(_spec(provider, _mapping(model, f"{where} ({provider.name}), model {model_number}",
-                                                  MODEL_KEYS), f"{where} ({provider.name}), model {model_number}"))
+            model_where = f"{where} ({provider.name}), model {model_number}"
+            specs.append(_spec(provider, _mapping(model, model_where, MODEL_KEYS), model_where))
     return specs
 
 
@@ -142,6 +174,13 @@ def _number(entry: dict, key: str, where: str, default: float) -> float:
     return float(value)
 
 
+def _flag(entry: dict, key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def register(registry: Registry, path: Path) -> list[ModelSpec]:
     """Add the providers' models to the registry at start-up (their ids must not clash with local ones)."""
     specs = read_config(path)
@@ -172,7 +211,8 @@ def load_client(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> 
                                 f"{provider.name}'s API key and restart the studio", status=503)
     client = openai.OpenAI(base_url=provider.base_url, api_key=key, timeout=provider.timeout,
                            max_retries=provider.max_retries)
-    return ProviderClient(provider, spec.options["remote_model"], client)
+    kind = ProviderSpeech if spec.modality == "speech" else ProviderClient
+    return kind(provider, spec.options["remote_model"], client)
 
 
 def _detail(exc: openai.APIStatusError) -> str:
@@ -217,3 +257,90 @@ def _calling(handle: ProviderClient) -> Iterator[None]:
         yield
     except openai.OpenAIError as exc:
         raise as_provider_error(handle, exc) from exc
+
+
+# ---------------------------------------------------------------------------------------------- generation
+# The chat and image services call these for an external model (the speech service needs nothing: see
+# ProviderSpeech). Each one runs inside `studio.generation`, so the request is queued, logged and counted like a
+# local one, with `external` set in its log row.
+
+
+def stream_chat(studio: Studio, req: ChatRequest, seed: int, *, client: str, endpoint: str,
+                session: str | None = None, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+    """The chat service's stream for an external model: the same events, the reply streamed by the provider."""
+    from studio.backends.chat import ChatEvent  # here: the chat service imports this module
+
+    messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+        {"role": m["role"], "content": m["content"]} for m in req.messages]
+    extra = {"top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
+    with studio.generation(modality="chat", model=req.model, client=client, endpoint=endpoint,
+                           session=session) as (lease, rec):
+        handle: ProviderClient = lease.model
+        rec.set(prompt=req.messages[-1]["content"], seed=seed)
+        usage, finish, pieces = {}, "stop", 0
+        started = time.perf_counter()
+        with _calling(handle), handle.client.chat.completions.create(
+                model=handle.model, messages=messages, stream=True, stream_options={"include_usage": True},
+                max_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p, seed=seed,
+                stop=req.stop or openai.omit, extra_body=extra if handle.provider.extensions else None) as stream:
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = {"prompt_tokens": chunk.usage.prompt_tokens,
+                             "completion_tokens": chunk.usage.completion_tokens}
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        rec.first_output()
+                        pieces += 1
+                        yield ChatEvent(choice.delta.content)
+                    if choice.finish_reason == "length":
+                        finish = "length"
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"  # leaving the block closes the connection: the provider stops too
+                    break
+        seconds = time.perf_counter() - started
+        usage = {"prompt_tokens": usage.get("prompt_tokens", 0),  # a server that sends no usage: count pieces
+                 "completion_tokens": usage.get("completion_tokens", pieces)}
+        rec.set(**usage, stopped=finish == "cancelled")
+    yield ChatEvent("", done=True, usage=usage, finish_reason=finish, seed=seed,
+                    tokens_per_s=round(usage["completion_tokens"] / seconds, 2) if seconds > 0 else 0.0)
+
+
+def generate_images(studio: Studio, settings: dict, *, client: str, endpoint: str, session: str | None = None,
+                    cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None,
+                    ) -> ImageResult:
+    """The image service's path for an external model; `settings` are the checked request (ImageResult.settings).
+
+    One provider call per image, with seed + i as locally, so Stop works between images."""
+    from studio.backends.image import ImageResult, image_seed  # here: the image service imports this module
+
+    images: list = []
+    n, seed = settings["n"], settings["seed"]
+    with studio.generation(modality="image", model=settings["model"], client=client, endpoint=endpoint,
+                           session=session) as (lease, rec):
+        handle: ProviderClient = lease.model
+        rec.set(prompt=settings["prompt"], seed=seed, steps=settings["steps"], adapters=settings["adapters"])
+        for index in range(n):
+            if cancel is not None and cancel.is_set():
+                break
+            if progress is not None:
+                progress(index / n, f"image {index + 1}/{n} · {handle.provider.name}")
+            images.append(_draw(handle, settings, image_seed(seed, index)))
+            rec.first_output()
+        stopped = len(images) < n
+        rec.set(output_pixels=settings["width"] * settings["height"] * len(images), stopped=stopped)
+    return ImageResult(images, seed, settings, stopped)
+
+
+def _draw(handle: ProviderClient, settings: dict, seed: int) -> Image.Image:
+    extra = None
+    if handle.provider.extensions:
+        extra = {"negative_prompt": settings["negative_prompt"], "steps": settings["steps"],
+                 "guidance_scale": settings["guidance"], "seed": seed, "adapters": settings["adapters"]}
+    with _calling(handle):
+        answer = handle.client.images.generate(model=handle.model, prompt=settings["prompt"], n=1,
+                                               size=f"{settings['width']}x{settings['height']}",
+                                               response_format="b64_json", extra_body=extra)
+    encoded = answer.data[0].b64_json if answer.data else None
+    if not encoded:
+        raise ProviderError(f"provider {handle.provider.name} answered without a b64_json image")
+    return Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")

@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from studio import devices
+from studio import devices, providers
 from studio.cache import Lease, ModelCache
 from studio.config import ConfigError, Settings, format_size
 from studio.registry import Modality, Registry, select_profile
+from studio.telemetry.metrics import Metrics
 from studio.telemetry.requestlog import Recorder, RequestLog
 
 
@@ -23,6 +24,7 @@ class Studio:
     cache: ModelCache
     log: RequestLog
     notice: str | None = None  # why the studio fell back to the tiny profile, shown as a banner
+    metrics: Metrics = field(default_factory=Metrics, repr=False)
     _slots: dict[str, threading.BoundedSemaphore] = field(default_factory=dict, repr=False)
     _slots_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -64,6 +66,8 @@ def create_studio(settings: Settings) -> Studio:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     choice = select_profile(settings.profile)
+    if settings.providers:
+        providers.register(choice.registry, settings.providers)
     unknown = [m for m in settings.preload if m not in choice.registry]
     if unknown:
         known = ", ".join(spec.id for spec in choice.registry)
@@ -71,7 +75,11 @@ def create_studio(settings: Settings) -> Studio:
     budget = settings.memory_budget or devices.default_budget(device)
     cache = ModelCache(choice.registry, budget=budget, device=device, strategy=settings.strategy,
                        load_timeout=settings.load_timeout)
-    return Studio(settings, choice.registry, cache, RequestLog(settings.log_dir), choice.notice)
+    log = RequestLog(settings.log_dir, log_prompts=settings.log_prompts, device=device)
+    cache.add_listener(log.cache_event)
+    studio = Studio(settings, choice.registry, cache, log, choice.notice)
+    studio.metrics.watch(cache, log)
+    return studio
 
 
 def preload_ids(studio: Studio) -> list[str]:

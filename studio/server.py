@@ -7,14 +7,23 @@ share tunnel reaches.
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
+from urllib.parse import urlparse, urlunparse
 
 import anyio
 import gradio as gr
+from starlette.middleware import Middleware
 
 from studio.api import ERROR_HANDLERS, build_router
+from studio.config import ConfigError
 from studio.runtime import Studio, describe, preload_ids
+from studio.spaces import on_spaces
+from studio.telemetry.middleware import RequestIdMiddleware
 from studio.ui import build_ui
+
+PUBLIC_QUEUE_SIZE = 32  # requests waiting beyond this are turned away ("queue full") instead of piling up
+PUBLIC_MAX_FILE_SIZE = "50mb"  # bigger uploads to Gradio's upload route are refused (no tab needs one now)
 
 
 def _lifespan(studio: Studio):
@@ -37,27 +46,67 @@ def app_kwargs(studio: Studio) -> dict:
         "routes": build_router(studio).routes,
         "exception_handlers": ERROR_HANDLERS,
         "lifespan": _lifespan(studio),
-        "middleware": [],
+        "middleware": [Middleware(RequestIdMiddleware, metrics=studio.metrics)],
     }
 
 
+def _open_share_link(demo: gr.Blocks, local_url: str) -> str | None:
+    """Open Gradio's share tunnel for the running server; on failure say so in one line and keep serving locally.
+
+    `launch(share=True)` prints a paragraph on failure (often about a missing binary, when the real cause is no
+    network), so the studio opens the tunnel itself, the way `Blocks.launch` does, once the server is up."""
+    from gradio import networking
+
+    if demo.space_id:
+        print("Share link: not needed on Hugging Face Spaces; the Space's own URL is the public address.", flush=True)
+        return None
+    try:
+        url = networking.setup_tunnel(demo.server_name, demo.server_port, demo.share_token,
+                                      demo.share_server_address, demo.share_server_tls_certificate)
+    except Exception as exc:  # no network, blocked port, certificate or binary problems: all mean "no link"
+        cause = exc.__cause__ or exc
+        print(f"Share link: could not be created ({type(cause).__name__}: {str(cause) or exc}); "
+              f"serving locally only at {local_url}", flush=True)
+        return None
+    demo.share_url = urlunparse((demo.share_server_protocol, *urlparse(url)[1:]))
+    demo.share = True  # read per request by Gradio (share page, robots.txt)
+    print(f"* Running on public URL: {demo.share_url}", flush=True)
+    return demo.share_url
+
+
 def launch(studio: Studio, *, block: bool = True) -> tuple[gr.Blocks, str]:
-    """Start the server; with block=False return (blocks, local url) and keep serving in the background."""
+    """Start the server; with block=False return (blocks, local url) and keep serving in the background.
+
+    Public mode (--share, or running as a Space) bounds what strangers can ask for: a queue size limit, an upload
+    size limit, no extra folders served; generations are already limited per model by --concurrency."""
     settings = studio.settings
+    if settings.mcp and settings.auth:
+        raise ConfigError("--mcp: Gradio's MCP server cannot log in, so with --auth its tools would be listed to "
+                          "anyone and fail for everyone; use one of --mcp and --auth")
+    public = settings.share or on_spaces()
     demo = build_ui(studio)
-    demo.queue(default_concurrency_limit=settings.concurrency)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=PUBLIC_QUEUE_SIZE if public else None)
     print(f"GenAI Studio: {describe(studio)}", flush=True)
     if studio.notice:
         print(f"NOTE: {studio.notice}", flush=True)
+    if public and os.environ.pop("GRADIO_ALLOWED_PATHS", None):
+        print("Public mode: GRADIO_ALLOWED_PATHS ignored; a public studio serves no extra folders.", flush=True)
     _app, local_url, _share_url = demo.launch(
         server_name=settings.host,
         server_port=settings.port,
-        share=settings.share,
+        share=False,  # opened below, so that a failure is one line
         auth=list(settings.auth) or None,
+        max_file_size=PUBLIC_MAX_FILE_SIZE if public else None,
+        mcp_server=settings.mcp,
         prevent_thread_lock=True,
-        quiet=False,
+        quiet=True,
         app_kwargs=app_kwargs(studio),
     )
+    print(f"* Running on local URL:  {local_url}", flush=True)
+    if demo.mcp_error:
+        print(demo.mcp_error, flush=True)
+    if settings.share:
+        _open_share_link(demo, local_url)
     if block:
         demo.block_thread()
     return demo, local_url

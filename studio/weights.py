@@ -51,11 +51,26 @@ def ensure_local(spec: ModelSpec) -> Path | None:
     except Exception:
         pass  # not cached yet: download below
     try:
-        return Path(snapshot_download(spec.repo, revision=spec.revision, ignore_patterns=IGNORE))
+        return Path(snapshot_download(spec.repo, revision=spec.revision, ignore_patterns=_ignore(spec)))
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         why = "HF_HUB_OFFLINE is set and the files are not cached" if offline else f"{type(exc).__name__}: {exc}"
         raise WeightsUnavailable(f"cannot fetch {spec.repo} (revision {spec.revision}): {why}") from exc
+
+
+def _ignore(spec: ModelSpec) -> list[str]:
+    """Skip what a from_pretrained load never reads: other formats, and copies of the same weights (pickled .bin
+    twins of safetensors, fp16 / non-EMA variants, the single-file checkpoints at a diffusers repo's root)."""
+    from huggingface_hub import HfApi
+
+    files = [s.rfilename for s in HfApi().model_info(spec.repo, revision=spec.revision).siblings or []]
+    ignore = list(IGNORE)
+    if any(f.endswith(".safetensors") for f in files):
+        ignore += ["*.bin", "*.pt"]
+    if "model_index.json" in files:  # a diffusers pipeline: its weights live in the component folders
+        ignore += [f for f in files if "/" not in f and f.endswith(".safetensors")]
+        ignore += ["*.fp16.*", "*non_ema*"]
+    return ignore
 
 
 def _build_tiny(spec: ModelSpec) -> Path:

@@ -23,3 +23,24 @@ def test_health_lists_loaded_models(live_server):
         pass
     models = {m["id"]: m for m in httpx.get(url + "/health").json()["models"]}
     assert models["tiny-llama"]["state"] == "resident" and models["tiny-llama"]["bytes"] > 0
+
+
+def test_preload_happens_in_the_app_lifespan(make_studio):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from studio.server import app_kwargs
+
+    studio = make_studio("--preload", "tiny-llama,tiny-qwen2")
+    assert studio.cache.snapshot().models == []
+    with TestClient(FastAPI(**app_kwargs(studio))) as client:  # entering runs the lifespan
+        resident = {m["id"] for m in client.get("/health").json()["models"] if m["state"] == "resident"}
+    assert resident == {"tiny-llama", "tiny-qwen2"}
+
+
+def test_preload_strategy_without_a_list_loads_every_local_model(make_studio):
+    from studio.runtime import preload_ids
+
+    studio = make_studio("--strategy", "preload")
+    assert preload_ids(studio) == [spec.id for spec in studio.registry]
+    assert preload_ids(make_studio()) == []

@@ -9,8 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from studio.api import health
+from studio.api import audio, health, image, metrics, openai_compat, shape, text
 from studio.cache import CacheBusy, CacheError, ModelTooLarge
+from studio.providers import ProviderError
 from studio.registry import UnknownModelError
 from studio.runtime import Studio
 
@@ -18,6 +19,12 @@ from studio.runtime import Studio
 def build_router(studio: Studio) -> APIRouter:
     router = APIRouter()
     router.include_router(health.router(studio))
+    router.include_router(image.router(studio))
+    router.include_router(audio.router(studio))
+    router.include_router(metrics.router(studio))
+    router.include_router(text.router(studio))
+    router.include_router(openai_compat.router(studio))
+    router.include_router(shape.router(studio))
     return router
 
 
@@ -34,4 +41,8 @@ async def _cache_error(_request: Request, exc: CacheError) -> JSONResponse:
     return _error(status, str(exc))
 
 
-ERROR_HANDLERS = {UnknownModelError: _unknown_model, CacheError: _cache_error}
+async def _provider_error(_request: Request, exc: ProviderError) -> JSONResponse:
+    return _error(exc.status, str(exc))  # 502/503/504 for the provider's failures, 429 when it rate-limits
+
+
+ERROR_HANDLERS = {UnknownModelError: _unknown_model, CacheError: _cache_error, ProviderError: _provider_error}

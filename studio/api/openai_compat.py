@@ -10,7 +10,6 @@ logged the same way (client "openai"). Every failure under /v1 is answered in Op
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
 import threading
@@ -19,21 +18,22 @@ import uuid
 from typing import Any, AsyncIterator, Callable, Iterator, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from studio.api.security import require_api_key
+from studio.api.security import guard
 from studio.backends.chat import ChatEvent, ChatRequest, complete_chat, stream_chat, validate_chat
-from studio.backends.image import ImageRequest, generate_images, validate_image
+from studio.backends.image import ImageRequest, default_model, generate_images, png_bytes, validate_image
 from studio.backends.speech import SpeechRequest, synthesize, validate_speech, wav_bytes
 from studio.registry import ModelSpec
 from studio.runtime import Studio
 
 SERVED = ("chat", "image", "speech")  # the modalities the OpenAI API has endpoints for
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "text": "input", "guidance": "guidance_scale"}  # service -> here
 FINISH_REASONS = {"length": "length"}  # everything else ends as "stop" ("cancelled" only reaches a gone client)
 
 
@@ -49,10 +49,10 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _field_message(message: str) -> tuple[str | None, str]:
+def _param(message: str) -> str | None:
     """The studio's messages start with the field ("steps: must be ..."); OpenAI clients want it as `param`."""
     match = re.match(r"([a-z_][a-z0-9_.\[\]]*): ", message)
-    return (match.group(1), message) if match else (None, message)
+    return match.group(1) if match else None
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -68,12 +68,12 @@ async def _reshaped(request: Request, exc: Exception) -> Response | None:
     """Answer with the app's own handler for this error (same status and message), in OpenAI's shape."""
     handlers = request.app.exception_handlers
     handler = next((handlers[cls] for cls in type(exc).__mro__ if cls in handlers), None)
-    if handler is None or isinstance(exc, HTTPException):
+    if handler is None:
         return None
     answer = await handler(request, exc)
     detail = json.loads(answer.body)
     message = str(detail.get("detail", detail))
-    param = detail.get("field") or _field_message(message)[0]
+    param = detail.get("field") or _param(message)
     return JSONResponse(error_body(answer.status_code, message, param), status_code=answer.status_code)
 
 
@@ -90,9 +90,8 @@ class OpenAIRoute(APIRoute):
                 return _validation_error(exc)
             except HTTPException as exc:
                 message = str(exc.detail)
-                param = _field_message(message)[0]
-                return JSONResponse(error_body(exc.status_code, message, param), status_code=exc.status_code,
-                                    headers=exc.headers)
+                return JSONResponse(error_body(exc.status_code, message, _param(message)),
+                                    status_code=exc.status_code, headers=exc.headers)
             except Exception as exc:
                 answer = await _reshaped(request, exc)
                 if answer is None:
@@ -102,8 +101,22 @@ class OpenAIRoute(APIRoute):
         return openai_errors
 
 
-def _bad_request(exc: ValueError) -> HTTPException:
-    return HTTPException(400, str(exc))
+def _checked(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a service function; its ValueError("field: message") means bad input, answered with 400 and the
+    field's name in this API."""
+    try:
+        return call(*args, **kwargs)
+    except ValueError as exc:
+        field, sep, rest = str(exc).partition(": ")
+        message = f"{OPENAI_NAMES[field]}: {rest}" if sep and field in OPENAI_NAMES else str(exc)
+        raise HTTPException(400, message) from None
+
+
+def _only(body: BaseModel, **neutral: Any) -> None:
+    """Standard fields this server does not implement are accepted at their neutral value only."""
+    for name, value in neutral.items():
+        if getattr(body, name) != value:
+            raise HTTPException(400, f"{name}: only {value} is supported by this server")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -117,6 +130,7 @@ class ModelCard(BaseModel):
     modality: str
     external: bool
     label: str
+    voices: list[str] | None = None  # speech models: the values `voice` takes
 
 
 class ModelList(BaseModel):
@@ -126,7 +140,9 @@ class ModelList(BaseModel):
 
 def _card(spec: ModelSpec) -> ModelCard:
     owner = spec.options["provider"].name if spec.external else "studio"
-    return ModelCard(id=spec.id, owned_by=owner, modality=spec.modality, external=spec.external, label=spec.label)
+    voices = list(spec.options.get("voices", [])) if spec.modality == "speech" else None
+    return ModelCard(id=spec.id, owned_by=owner, modality=spec.modality, external=spec.external, label=spec.label,
+                     voices=voices)
 
 
 # ---------------------------------------------------------------------------------------------- chat
@@ -152,20 +168,19 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="extension (as in vLLM): 0 turns it off")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="extension (as in vLLM)")
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: use repetition_penalty")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="not supported: use repetition_penalty")
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    max_tokens: int | None = Field(None, ge=1, description="default: the model's")
+    max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="default: the model's; 0 is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="default: the model's")
+    top_k: int | None = Field(None, ge=0, description="extension (as in vLLM): 0 turns it off")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="extension (as in vLLM)")
+    presence_penalty: float = Field(0.0, description="only 0: use repetition_penalty")
+    frequency_penalty: float = Field(0.0, description="only 0: use repetition_penalty")
+    n: int = Field(1, description="only 1 choice per request")
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
 
 
 class ChatChoiceMessage(BaseModel):
@@ -201,19 +216,13 @@ def _usage(usage: dict) -> Usage:
 
 
 def _chat_request(studio: Studio, body: ChatCompletionRequest) -> ChatRequest:
-    spec = studio.registry.get(body.model)
-    system = "\n\n".join(m.text() for m in body.messages if m.role in ("system", "developer")) or None
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages if m.role in ("user", "assistant")]
+    _only(body, n=1, presence_penalty=0.0, frequency_penalty=0.0)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    req = ChatRequest(
-        messages=messages, model=body.model, system=system,
-        max_new_tokens=body.max_completion_tokens or body.max_tokens or int(spec.options.get("max_new_tokens", 256)),
-        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop or None)
-    try:
-        validate_chat(studio, req)
-    except ValueError as exc:
-        raise _bad_request(exc) from None
+    req = ChatRequest(messages=messages, model=body.model, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+                      temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                      repetition_penalty=body.repetition_penalty, seed=body.seed, stop=stop or None)
+    _checked(validate_chat, studio, req)
     return req
 
 
@@ -244,8 +253,8 @@ async def _sse(events: Iterator[ChatEvent], first: ChatEvent | None, cancel: thr
             event = await run_in_threadpool(next, events, None)
         yield "data: [DONE]\n\n"
     except Exception as exc:  # after the headers went out: report it in the stream, as OpenAI does
-        param, message = _field_message(str(exc))
-        yield f"data: {json.dumps(error_body(getattr(exc, 'status', 500), message, param))}\n\n"
+        status = getattr(exc, "status", 400 if isinstance(exc, ValueError) else 500)
+        yield f"data: {json.dumps(error_body(status, str(exc), _param(str(exc))))}\n\n"
     finally:
         cancel.set()
         with anyio.CancelScope(shield=True):
@@ -258,7 +267,7 @@ async def _sse(events: Iterator[ChatEvent], first: ChatEvent | None, cancel: thr
 class ImageGenerationRequest(BaseModel):
     prompt: str = Field(min_length=1)
     model: str | None = Field(None, description="default: the first image model")
-    n: int = Field(1, ge=1, le=8)
+    n: int = Field(1, ge=1)
     size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 512x512; default: the model's size")
     response_format: Literal["b64_json"] = "b64_json"
     negative_prompt: str = ""
@@ -266,7 +275,6 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0.0, description="extension: classifier-free guidance")
     seed: int | None = None
     adapters: dict[str, float] = Field(default_factory=dict, description="extension: LoRA name -> weight")
-    user: str | None = None
 
 
 class ImageData(BaseModel):
@@ -280,9 +288,10 @@ class ImagesResponse(BaseModel):
     seed: int
 
 
-def _size(size: str | None, spec: ModelSpec) -> tuple[int, int]:
+def _size(size: str | None) -> tuple[int | None, int | None]:
+    """'512x768' -> (512, 768); None or 'auto' -> the model's default size."""
     if size is None or size == "auto":
-        return int(spec.options.get("width", 512)), int(spec.options.get("height", 512))
+        return None, None
     match = re.fullmatch(r"(\d+)x(\d+)", size)
     if not match:
         raise HTTPException(400, f"size: expected WIDTHxHEIGHT such as 512x512, got {size!r}")
@@ -290,27 +299,13 @@ def _size(size: str | None, spec: ModelSpec) -> tuple[int, int]:
 
 
 def _image_request(studio: Studio, body: ImageGenerationRequest) -> ImageRequest:
-    models = studio.models("image")
-    if body.model is None and not models:
-        raise HTTPException(404, "model: this studio serves no image model")
-    spec = studio.registry.get(body.model or models[0])
-    width, height = _size(body.size, spec)
-    req = ImageRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, model=spec.id,
-        steps=body.steps or int(spec.options.get("steps", 20)),
-        guidance=body.guidance_scale if body.guidance_scale is not None else float(spec.options.get("guidance", 7.5)),
-        width=width, height=height, seed=body.seed, n=body.n, adapters=body.adapters)
-    try:
-        validate_image(studio, req)
-    except ValueError as exc:
-        raise _bad_request(exc) from None
+    width, height = _size(body.size)
+    req = ImageRequest(prompt=body.prompt, negative_prompt=body.negative_prompt,
+                       model=body.model or _checked(default_model, studio), steps=body.steps,
+                       guidance=body.guidance_scale, width=width, height=height, seed=body.seed, n=body.n,
+                       adapters=body.adapters)
+    _checked(validate_image, studio, req)
     return req
-
-
-def _png_b64(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 # ---------------------------------------------------------------------------------------------- speech
@@ -318,21 +313,19 @@ def _png_b64(image: Any) -> str:
 
 class SpeechGenerationRequest(BaseModel):
     model: str
-    input: str = Field(min_length=1, max_length=4096)
+    input: str
     voice: str | None = Field(None, description="one of the model's voices; ignored by single-voice models")
     response_format: Literal["wav"] = "wav"
-    speed: float = Field(1.0, ge=1.0, le=1.0, description="only 1.0 is supported")
+    speed: float = Field(1.0, description="only 1.0")
     seed: int | None = None
 
 
 def _speech_request(studio: Studio, body: SpeechGenerationRequest) -> SpeechRequest:
+    _only(body, speed=1.0)
     spec = studio.registry.get(body.model)
     voice = body.voice if spec.options.get("voices") else None
     req = SpeechRequest(text=body.input, model=body.model, voice=voice, seed=body.seed)
-    try:
-        validate_speech(studio, req)
-    except ValueError as exc:
-        raise _bad_request(exc) from None
+    _checked(validate_speech, studio, req)
     return req
 
 
@@ -340,8 +333,7 @@ def _speech_request(studio: Studio, body: SpeechGenerationRequest) -> SpeechRequ
 
 
 def router(studio: Studio) -> APIRouter:
-    api = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute,
-                    dependencies=[Depends(require_api_key(studio))])
+    api = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute, dependencies=[guard(studio)])
 
     @api.get("/models")
     def list_models() -> ModelList:
@@ -358,7 +350,7 @@ def router(studio: Studio) -> APIRouter:
         req = _chat_request(studio, body)
         kwargs = {"client": "openai", "endpoint": "/v1/chat/completions"}
         if not body.stream:
-            result = await run_in_threadpool(lambda: complete_chat(studio, req, **kwargs))
+            result = await run_in_threadpool(lambda: _checked(complete_chat, studio, req, **kwargs))
             return ChatCompletion(
                 id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model, seed=result.seed,
                 choices=[ChatChoice(message=ChatChoiceMessage(content=result.text),
@@ -367,7 +359,7 @@ def router(studio: Studio) -> APIRouter:
         cancel = threading.Event()
         events = stream_chat(studio, req, cancel=cancel, **kwargs)
         try:  # the first token, so that a failure before it is a real HTTP error, not a broken stream
-            first = await run_in_threadpool(next, events, None)
+            first = await run_in_threadpool(_checked, next, events, None)
         except Exception:
             await run_in_threadpool(events.close)
             raise
@@ -379,15 +371,16 @@ def router(studio: Studio) -> APIRouter:
     def image_generations(body: ImageGenerationRequest) -> ImagesResponse:
         """Text to image; `b64_json` PNGs. Extensions: negative_prompt, steps, guidance_scale, seed, adapters."""
         req = _image_request(studio, body)
-        result = generate_images(studio, req, client="openai", endpoint="/v1/images/generations")
-        return ImagesResponse(created=int(time.time()), seed=result.seed,
-                              data=[ImageData(b64_json=_png_b64(image)) for image in result.images])
+        result = _checked(generate_images, studio, req, client="openai", endpoint="/v1/images/generations")
+        data = [ImageData(b64_json=base64.b64encode(png_bytes(image, result.image_settings(i))).decode("ascii"))
+                for i, image in enumerate(result.images)]
+        return ImagesResponse(created=int(time.time()), seed=result.seed, data=data)
 
     @api.post("/audio/speech", response_class=Response)
     def audio_speech(body: SpeechGenerationRequest) -> Response:
         """Text to speech, answered as a WAV file."""
         req = _speech_request(studio, body)
-        result = synthesize(studio, req, client="openai", endpoint="/v1/audio/speech")
+        result = _checked(synthesize, studio, req, client="openai", endpoint="/v1/audio/speech")
         return Response(wav_bytes(result), media_type="audio/wav")
 
     return api

@@ -20,22 +20,24 @@ ARCHITECTURES = {
 SD15 = {"text_width": 32, "use_linear_projection": False}
 
 
-def _byte_vocab() -> dict[str, int]:
-    """CLIP's vocabulary minus the merges: its two specials, then each byte character alone and word-final."""
+def clip_tokenizer():
+    """CLIP's tokenizer minus the merges: its two specials, then each byte character alone and word-final."""
     from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
 
     chars = sorted(ByteLevel.alphabet())
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
-    return {token: i for i, token in enumerate(tokens)}
+    tokenizer = CLIPTokenizer(vocab={token: i for i, token in enumerate(tokens)}, merges=[], model_max_length=77)
+    assert tokenizer("a cat")["input_ids"][1:-1], "tiny CLIP tokenizer encodes nothing"
+    return tokenizer
 
 
 def build_stable_diffusion(folder: Path, spec: ModelSpec) -> None:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     arch = ARCHITECTURES.get(spec.stands_for or "", SD15)
-    tokenizer = CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
-    assert tokenizer("a cat")["input_ids"][1:-1], "tiny CLIP tokenizer encodes nothing"
+    tokenizer = clip_tokenizer()
     seeded()
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=arch["text_width"], intermediate_size=2 * arch["text_width"],
@@ -51,8 +53,8 @@ def build_stable_diffusion(folder: Path, spec: ModelSpec) -> None:
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         sample_size=spec.options.get("width", 64))
     # Stable Diffusion's noise schedule; "trailing" spacing is what SD-Turbo's few-step sampling uses.
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-                                       timestep_spacing="trailing")
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="trailing")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

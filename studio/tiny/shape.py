@@ -1,7 +1,7 @@
 """Tiny Shap-E: the real prior / renderer / CLIP text encoder classes with tiny configs, saved as a ShapEPipeline.
 
-The tiny renderer gets the real marching-cubes lookup table (see `marching_cubes_table`), so `decode_to_mesh`
-works exactly as with the real checkpoint.
+The tiny renderer gets a full marching-cubes lookup table, computed here (`marching_cubes_table`; the real
+checkpoint ships its own), so `decode_to_mesh` and `output_type="mesh"` work as with the real model.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from studio.registry import ModelSpec
 from studio.tiny import seeded
-from studio.tiny.image import _byte_vocab
+from studio.tiny.image import clip_tokenizer
 
 # Corner i of a grid cell sits at (x, y, z) = (i & 1, i >> 1 & 1, i >> 2): diffusers' MeshDecoder builds the
 # case index from the corners in this order (x is the least significant bit).
@@ -63,6 +63,23 @@ def _loops(segments: list[tuple[int, int]]) -> list[list[int]]:
     return loops
 
 
+def _on_one_face(e1: int, e2: int) -> bool:
+    ends = EDGES[e1] + EDGES[e2]
+    return any(len({c >> axis & 1 for c in ends}) == 1 for axis in range(3))
+
+
+def _fan(loop: list[int]) -> list[tuple[int, int, int]]:
+    """Triangulate a polygon as a fan from a corner whose diagonals all run through the cell.
+
+    A diagonal lying in a cell face would be shared with the neighbouring cell's polygon (an edge of four
+    triangles: the mesh would not be a closed manifold).
+    """
+    n = len(loop)
+    apex = next(k for k in range(n) if not any(_on_one_face(loop[k], loop[(k + j) % n]) for j in range(2, n - 1)))
+    loop = loop[apex:] + loop[:apex]
+    return [(loop[0], loop[k], loop[k + 1]) for k in range(1, n - 1)]
+
+
 def marching_cubes_table() -> tuple[torch.Tensor, torch.Tensor]:
     """The `cases` [256, 5, 3] and `masks` [256, 5] buffers of diffusers' `MeshDecoder`, computed.
 
@@ -86,7 +103,7 @@ def marching_cubes_table() -> tuple[torch.Tensor, torch.Tensor]:
             outward = sum(q - p for p, q in ends)  # inside corner -> outside corner, over the crossed edges
             if np.dot(normal, outward) < 0:
                 loop = loop[::-1]
-            triangles += [(loop[0], loop[k], loop[k + 1]) for k in range(1, len(loop) - 1)]
+            triangles += _fan(loop)
         assert len(triangles) <= 5, f"case {case}: {len(triangles)} triangles"
         for j, tri in enumerate(triangles):
             cases[case, j] = torch.tensor(tri)
@@ -97,10 +114,9 @@ def marching_cubes_table() -> tuple[torch.Tensor, torch.Tensor]:
 def build_shap_e(folder: Path, spec: ModelSpec) -> None:
     from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEPipeline
     from diffusers.pipelines.shap_e import ShapERenderer
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    tokenizer = CLIPTokenizer(vocab=_byte_vocab(), merges=[], model_max_length=77)
-    assert tokenizer("a chair")["input_ids"][1:-1], "tiny CLIP tokenizer encodes nothing"
+    tokenizer = clip_tokenizer()
     seeded()
     width, latent, hidden = 32, 32, 8  # text embedding, latent (the real 1024) and renderer MLP (the real 256)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(

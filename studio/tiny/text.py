@@ -16,9 +16,15 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# English sentences give the tokenizer whole-word merges, so a random model's replies read as words, not bytes.
 CORPUS = [
     "Hello! How can I help you today? The quick brown fox jumps over the lazy dog.",
     "Generative models write text, speak, paint images and shape 3D objects.",
+    "A language model predicts the next word from the words before it, one token at a time.",
+    "Answers can be wrong, so check the facts before you use them in your work.",
+    "The studio runs small models on this machine: chat, speech, pictures and meshes.",
+    "What would you like to know about the weather, music, science, history or cooking?",
+    "Sure, here is a short story about a friendly robot who learned to paint the sea.",
     "<|system|> <|user|> <|assistant|> <|im_start|> <|im_end|> system user assistant",
 ] * 20
 
@@ -30,7 +36,7 @@ def _tokenizer(specials: list[str], template: str, eos: str):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos, unk_token=None)

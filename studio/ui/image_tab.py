@@ -1,9 +1,215 @@
-"""The image tab (its issue has not landed yet)."""
+"""The Image tab: Stable Diffusion with LoRA adapters picked from lora_adapters/ (each with its own weight), a
+gallery of this session's results whose settings can be seen and reused, and a Stop button.
+
+Stop sets the session's cancel event; the pipeline's step callback raises diffusers' interrupt flag, so the
+current image ends after the running step and is shown partly denoised.
+"""
+
+from __future__ import annotations
+
+import tempfile
 
 import gradio as gr
+from gradio.data_classes import FileData
 
+from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, SEED_RANGE, ImageRequest, default_model, generate_images,
+                                   list_loras, png_bytes)
+from studio.backends.lora import MAX_WEIGHT
+from studio.cache import CacheError
+from studio.registry import UnknownModelError
 from studio.runtime import Studio
+from studio.ui.speech_tab import StopFlags
+
+SLOTS = 6  # adapters at once in the UI, each with a weight slider
+HISTORY = 48  # images kept per session in the gallery
+INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
+
+
+def _model_controls(studio: Studio, model_id: str) -> list[dict]:
+    """Steps, guidance, width, height, number of images and negative prompt set to a model's defaults and caps."""
+    opts = studio.registry.get(model_id).options
+    size = {"minimum": MIN_SIZE, "maximum": opts.get("max_size", 1024), "step": 8}
+    return [
+        gr.update(minimum=1, maximum=opts.get("max_steps", 100), value=opts.get("steps", 20)),
+        gr.update(value=opts.get("guidance", 7.5)),
+        gr.update(**size, value=opts.get("width", 512)),
+        gr.update(**size, value=opts.get("height", 512)),
+        gr.update(maximum=opts.get("max_images", 4), value=1),
+        gr.update(visible=bool(opts.get("negative_prompt", True)), value=""),
+    ]
+
+
+def _usable(studio: Studio, refresh: bool = False) -> tuple[list[str], str]:
+    """Names of the usable adapters, and a note listing the files that cannot be used and why."""
+    infos = list_loras(studio, refresh)
+    broken = [f"- `{i.file}` {i.error}" for i in infos if i.error]
+    note = "**Adapters that cannot be used:**\n" + "\n".join(broken) if broken else ""
+    if not infos:
+        note = ("No adapters found: drop `.safetensors` LoRA files into `lora_adapters/` (or `--lora-dir`) and "
+                "press Refresh.")
+    return [i.name for i in infos if not i.error], note
+
+
+def _sliders(names: list[str], weights: dict[str, float]) -> list[dict]:
+    """One visible weight slider per picked adapter, labelled with its name; the rest hidden."""
+    return [gr.update(visible=True, label=names[i], value=weights.get(names[i], 1.0)) if i < len(names)
+            else gr.update(visible=False) for i in range(SLOTS)]
+
+
+def _save_png(image, settings: dict) -> str:
+    """A PNG file with its settings inside (the "parameters" text chunk), for the gallery and downloads."""
+    with tempfile.NamedTemporaryFile(prefix="image-", suffix=".png", delete=False) as fh:
+        fh.write(png_bytes(image, settings))
+        return fh.name
+
+
+def _caption(settings: dict) -> str:
+    adapters = ", ".join(f"{name}:{w:g}" for name, w in settings["adapters"].items()) or "no adapters"
+    return f"seed {settings['seed']} · {settings['steps']} steps · {adapters}"
 
 
 def build(studio: Studio) -> None:
-    gr.Markdown("This tab is coming soon.")
+    models = studio.models("image")
+    if not models:
+        gr.Markdown("This profile has no image model.")
+        return
+    first = default_model(studio)
+    names, note = _usable(studio)
+    flags = StopFlags()
+    steps_u, guidance_u, width_u, height_u, n_u, negative_u = _model_controls(studio, first)
+    with gr.Row():
+        with gr.Column(scale=2):
+            model = gr.Dropdown(models, value=first, label="Model")
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a watercolor fox in the snow  <lora:name:0.8>",
+                                info="`<lora:name:weight>` in the prompt also picks an adapter.")
+            negative = gr.Textbox(label="Negative prompt", lines=1, visible=negative_u["visible"])
+            with gr.Row():
+                steps = gr.Slider(label="Steps", step=1, minimum=steps_u["minimum"], maximum=steps_u["maximum"],
+                                  value=steps_u["value"])
+                guidance = gr.Slider(0, MAX_GUIDANCE, step=0.5, label="Guidance scale", value=guidance_u["value"])
+            with gr.Row():
+                width = gr.Slider(label="Width", **{k: width_u[k] for k in ("minimum", "maximum", "step", "value")})
+                height = gr.Slider(label="Height", **{k: height_u[k] for k in ("minimum", "maximum", "step", "value")})
+            with gr.Row():
+                seed = gr.Number(label="Seed", precision=0, minimum=0, maximum=SEED_RANGE - 1,
+                                 info="Empty: random. The seed used is shown below the gallery.")
+                n = gr.Slider(1, n_u["maximum"], value=1, step=1, label="Number of images")
+            with gr.Accordion("LoRA adapters", open=True):
+                with gr.Row():
+                    picked = gr.Dropdown(names, value=[], multiselect=True, max_choices=SLOTS, scale=4,
+                                         label="Adapters", info=f"Up to {SLOTS}; switching never reloads the model.")
+                    refresh = gr.Button("Refresh", scale=1)
+                weights = [gr.Slider(-MAX_WEIGHT, MAX_WEIGHT, value=1.0, step=0.05, visible=False)
+                           for _ in range(SLOTS)]
+                lora_note = gr.Markdown(note)
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="This session's images", columns=3, format="png", object_fit="contain",
+                                 buttons=["download", "fullscreen"])
+            used = gr.Markdown()
+            details = gr.JSON(label="Settings of the selected image", open=True)
+            reuse = gr.Button("Use these settings")
+    history = gr.State([])  # [(png path, settings)], newest request first
+    shown = gr.State([])  # adapter names the sliders show, in slot order
+
+    def on_model(model_id: str):
+        return _model_controls(studio, model_id)
+
+    def on_pick(new: list[str], old: list[str], *values: float):
+        kept = dict(zip(old, values, strict=False))
+        return [new, *_sliders(new, kept)]
+
+    def on_refresh(current: list[str]):
+        usable, text = _usable(studio, refresh=True)
+        keep = [name for name in current if name in usable]
+        return gr.update(choices=usable, value=keep), text
+
+    def run(form: dict, request: gr.Request, progress=gr.Progress()):
+        values = [form[slider] for slider in weights]
+        adapters = {name: float(w) for name, w in zip(form[shown], values, strict=False)}  # SLOTS sliders
+        req = ImageRequest(prompt=form[prompt] or "", negative_prompt=form[negative] or "", model=form[model],
+                           steps=int(form[steps]), guidance=float(form[guidance]), width=int(form[width]),
+                           height=int(form[height]), seed=None if form[seed] is None else int(form[seed]),
+                           n=int(form[n]), adapters=adapters)
+        session = request.session_hash or ""
+        cancel = flags.start(session)
+        try:
+            result = generate_images(studio, req, client="ui", endpoint="image_tab", session=session, cancel=cancel,
+                                     progress=lambda fraction, desc: progress(fraction, desc=desc))
+        except INPUT_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        finally:
+            flags.finish(session, cancel)
+        new = []
+        for index, image in enumerate(result.images):
+            settings = result.image_settings(index)
+            new.append((_save_png(image, settings), settings))
+        past = (new + form[history])[:HISTORY]
+        text = f"Seed used: **{result.seed}**" + (" (images after the first use the next seeds)" if req.n > 1 else "")
+        if result.stopped:
+            text += f" · **stopped**: {len(result.images)} of {req.n} image(s), the last one partly denoised"
+        return [(path, _caption(s)) for path, s in past], text, past, new[0][1] if new else None
+
+    def on_select(past: list, evt: gr.SelectData):
+        return past[evt.index][1] if 0 <= evt.index < len(past) else None
+
+    def on_reuse(settings: dict | None):
+        if not settings:
+            raise gr.Error("Pick an image in the gallery first.")
+        opts = studio.registry.get(settings["model"]).options
+        usable = _usable(studio)[0]
+        chosen = [name for name in settings["adapters"] if name in usable][:SLOTS]
+        if len(chosen) < len(settings["adapters"]):
+            gr.Warning("Some adapters of these settings are no longer available; press Refresh.")
+        return [gr.update(value=settings["model"]), settings["prompt"],
+                gr.update(value=settings["negative_prompt"], visible=bool(opts.get("negative_prompt", True))),
+                gr.update(maximum=opts.get("max_steps", 100), value=settings["steps"]), settings["guidance"],
+                gr.update(maximum=opts.get("max_size", 1024), value=settings["width"]),
+                gr.update(maximum=opts.get("max_size", 1024), value=settings["height"]), settings["seed"],
+                gr.update(maximum=opts.get("max_images", 4), value=1), gr.update(value=chosen), chosen,
+                *_sliders(chosen, settings["adapters"])]
+
+    def stop_generating(request: gr.Request) -> None:
+        if not flags.stop(request.session_hash or ""):
+            gr.Info("Nothing is being generated.")
+
+    model.input(on_model, model, [steps, guidance, width, height, n, negative], api_visibility="private")
+    picked.input(on_pick, [picked, shown, *weights], [shown, *weights], api_visibility="private")
+    refresh.click(on_refresh, picked, [picked, lora_note], api_visibility="private")
+    # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
+    gr.on([go.click, prompt.submit], run,  # a set of inputs: `run` gets one dict, component -> value
+          {model, prompt, negative, steps, guidance, width, height, seed, n, shown, history, *weights},
+          [gallery, used, history, details], api_visibility="private", concurrency_limit=None)
+    stop.click(stop_generating, None, None, queue=False, api_visibility="private")
+    gallery.select(on_select, history, details, api_visibility="private")
+    reuse.click(on_reuse, details, [model, prompt, negative, steps, guidance, width, height, seed, n, picked, shown,
+                                    *weights], api_visibility="private")
+
+    def generate_image(prompt: str, negative_prompt: str = "", model: str = first, steps: int | None = None,
+                       guidance: float | None = None, width: int | None = None, height: int | None = None,
+                       seed: int | None = None, adapters: dict[str, float] | None = None) -> FileData:
+        """Draw an image with Stable Diffusion, optionally with LoRA adapters, and return it as a PNG file.
+
+        Args:
+            prompt: what to draw; `<lora:name:weight>` tags in it also pick adapters.
+            negative_prompt: what to avoid; only for models with guidance (not SD-Turbo), else leave empty.
+            model: the image model id: {models}.
+            steps: denoising steps, 1 to the model's cap; empty for the model's default.
+            guidance: classifier-free guidance scale, 0 to 30; empty for the model's default (SD-Turbo uses 0).
+            width: image width, a multiple of 8 up to the model's cap; empty for the model's default.
+            height: image height, a multiple of 8 up to the model's cap; empty for the model's default.
+            seed: 0 to 4294967295 to repeat an image; empty for random (the PNG's "parameters" text has the seed).
+            adapters: LoRA adapter name to weight (-2 to 2); names as listed by GET /loras.
+        """
+        req = ImageRequest(prompt=prompt, negative_prompt=negative_prompt or "", model=model, steps=steps,
+                           guidance=guidance, width=width, height=height, seed=seed, adapters=adapters or {})
+        try:
+            result = generate_images(studio, req, client="api", endpoint="gradio:generate_image")
+        except INPUT_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        return FileData(path=_save_png(result.images[0], result.image_settings(0)), mime_type="image/png")
+
+    generate_image.__doc__ = generate_image.__doc__.format(models=", ".join(models))
+    gr.api(generate_image, api_name="generate_image", concurrency_limit=None)

@@ -26,8 +26,8 @@ def _table(studio: Studio) -> tuple[pd.DataFrame, str, dict]:
 
 
 def build(studio: Studio) -> None:
-    summary = gr.Markdown(lambda: _table(studio)[1])
-    table = gr.Dataframe(lambda: _table(studio)[0], headers=COLUMNS, interactive=False, label="Resident models")
+    summary = gr.Markdown()
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, label="Resident models")
     with gr.Row():
         choice = gr.Dropdown(label="Model", choices=[], scale=3)
         unload = gr.Button("Unload", scale=1)
@@ -56,6 +56,7 @@ def build(studio: Studio) -> None:
         return _table(studio)
 
     outputs = [table, summary, choice]
+    gr.on(None, show, outputs=outputs, api_visibility="private", show_progress="hidden")  # None: on page load
     gr.on([refresh.click, gr.Timer(5).tick], show, outputs=outputs, api_visibility="private", show_progress="hidden")
     unload.click(unload_one, choice, outputs, api_visibility="private")
     free_all.click(unload_all, None, outputs, api_visibility="private")

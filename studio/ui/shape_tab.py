@@ -1,9 +1,171 @@
-"""The shape tab (its issue has not landed yet)."""
+"""The 3D tab: text to a coloured mesh with Shap-E, shown in a viewer that rotates and zooms, with its turntable as a
+second view and the full mesh to download as GLB, PLY and OBJ.
+
+A mesh above `PREVIEW_MAX_FACES` faces is simplified for the viewer only (the status line says so). Stop sets the
+session's cancel event; the pipeline ends after the running step and the shape denoised so far is shown.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable
 
 import gradio as gr
+from gradio.data_classes import FileData
 
+from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIEW_MAX_FACES, SEED_RANGE,
+                                   ShapeInputError, ShapeRequest, default_model, export_mesh, generate_shape,
+                                   preview_mesh, turntable_gif)
+from studio.cache import CacheError
+from studio.registry import UnknownModelError
 from studio.runtime import Studio
+from studio.ui.speech_tab import StopFlags
+
+INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
+
+
+def _model_controls(studio: Studio, model_id: str) -> list[dict]:
+    """Guidance, steps and frame size set to a model's defaults and caps."""
+    opts = studio.registry.get(model_id).options
+    return [
+        gr.update(value=opts.get("guidance", 15.0)),
+        gr.update(minimum=1, maximum=opts.get("max_steps", 128), value=opts.get("steps", 64)),
+        gr.update(minimum=FRAME_STEP, maximum=opts.get("max_frame_size", 256), value=opts.get("frame_size", 64)),
+    ]
+
+
+def parse_seed(text: str | None) -> int | None:
+    """The seed box's text: empty for a random seed, else a whole number (its range is checked with the rest)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ShapeInputError(f"seed: {text!r} is not a whole number; leave it empty for a random seed") from None
+
+
+def make_shape(studio: Studio, req: ShapeRequest, *, session: str | None = None,
+               cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None,
+               max_faces: int = PREVIEW_MAX_FACES) -> tuple[str, str | None, list[str], str]:
+    """Generate, then write the viewer's GLB, the turntable GIF and the three downloads into a fresh folder.
+
+    Returns (preview GLB path, GIF path or None, [GLB, PLY, OBJ paths], status text)."""
+    started = time.monotonic()
+    report = progress or (lambda _fraction, _desc: None)
+    result = generate_shape(studio, req, client="ui", endpoint="shape_tab", session=session, cancel=cancel,
+                            progress=lambda fraction, desc: report(0.9 * fraction, desc))
+    report(0.9, "writing the files")
+    folder = Path(tempfile.mkdtemp(prefix="studio-3d-"))
+    downloads = []
+    for fmt in MEDIA_TYPES:
+        path = folder / f"shape-{result.seed}.{fmt}"
+        path.write_bytes(export_mesh(result.mesh, fmt))
+        downloads.append(str(path))
+    preview, simplified = preview_mesh(result.mesh, max_faces)
+    preview_path = downloads[0]
+    if simplified:
+        preview_path = str(folder / f"preview-{result.seed}.glb")
+        Path(preview_path).write_bytes(export_mesh(preview, "glb"))
+    gif_path = None
+    if result.frames:
+        gif_path = str(folder / f"turntable-{result.seed}.gif")
+        Path(gif_path).write_bytes(turntable_gif(result.frames))
+    faces = len(result.mesh.faces)
+    text = (f"Seed used: **{result.seed}** · {faces:,} faces · {result.steps} steps · "
+            f"{time.monotonic() - started:.1f} s")
+    if simplified:
+        text += (f"\n\nThe preview is **simplified** to {len(preview.faces):,} of {faces:,} faces "
+                 f"(cap {max_faces:,}); the downloads keep the full mesh.")
+    if result.stopped:
+        text += (f"\n\n**Stopped** after {result.steps} of {result.settings['steps']} steps: the shape is only "
+                 "partly denoised.")
+    return preview_path, gif_path, downloads, text
 
 
 def build(studio: Studio) -> None:
-    gr.Markdown("This tab is coming soon.")
+    models = studio.models("3d")
+    if not models:
+        gr.Markdown("This profile has no 3D model.")
+        return
+    first = default_model(studio)
+    flags = StopFlags()
+    guidance_u, steps_u, frame_u = _model_controls(studio, first)
+    with gr.Row():
+        with gr.Column(scale=2):
+            model = gr.Dropdown(models, value=first, label="Model", visible=len(models) > 1)
+            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red wooden chair")
+            with gr.Row():
+                guidance = gr.Slider(0, MAX_GUIDANCE, step=0.5, value=guidance_u["value"], label="Guidance scale")
+                steps = gr.Slider(label="Steps", step=1, minimum=1, maximum=steps_u["maximum"], value=steps_u["value"])
+            with gr.Row():
+                frame_size = gr.Slider(label="Turntable frame size (px)", step=FRAME_STEP, minimum=FRAME_STEP,
+                                       maximum=frame_u["maximum"], value=frame_u["value"])
+                # A textbox, not gr.Number: an empty gr.Number shows and sends 0 (Gradio 6.31), never "random".
+                seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1,
+                                  info=f"0 to {SEED_RANGE - 1}. Empty: random; the seed used is shown with the result.")
+            turntable = gr.Checkbox(True, label="Render the turntable (20 frames; slow without a GPU)")
+            with gr.Row():
+                go = gr.Button("Generate", variant="primary")
+                stop = gr.Button("Stop", variant="stop")
+        with gr.Column(scale=3):
+            viewer = gr.Model3D(label="Preview: drag to rotate, scroll to zoom", clear_color=(0.95, 0.95, 0.95, 1.0))
+            status = gr.Markdown()
+            with gr.Row():
+                spin = gr.Image(label="Turntable", type="filepath", interactive=False, height=256)
+                files = gr.File(label="Downloads (full mesh): GLB, PLY, OBJ", file_count="multiple",
+                                interactive=False)
+
+    def on_model(model_id: str):
+        return _model_controls(studio, model_id)
+
+    def run(model_id: str, prompt_text: str, guidance_value: float, steps_value: float, frame_value: float,
+            seed_text: str, turntable_on: bool, request: gr.Request, progress=gr.Progress()):
+        session = request.session_hash or ""
+        cancel = flags.start(session)
+        try:
+            req = ShapeRequest(prompt=prompt_text or "", model=model_id, guidance=float(guidance_value),
+                               steps=int(steps_value), frame_size=int(frame_value), seed=parse_seed(seed_text),
+                               turntable=turntable_on)
+            return make_shape(studio, req, session=session, cancel=cancel,
+                              progress=lambda fraction, desc: progress(fraction, desc=desc))
+        except INPUT_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        finally:
+            flags.finish(session, cancel)
+
+    def stop_generating(request: gr.Request) -> None:
+        if not flags.stop(request.session_hash or ""):
+            gr.Info("Nothing is being generated.")
+
+    model.input(on_model, model, [guidance, steps, frame_size], api_visibility="private")
+    # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
+    gr.on([go.click, prompt.submit], run, [model, prompt, guidance, steps, frame_size, seed, turntable],
+          [viewer, spin, files, status], api_visibility="private", concurrency_limit=None)
+    stop.click(stop_generating, None, None, queue=False, api_visibility="private")
+
+    def generate_3d(prompt: str, guidance: float | None = None, steps: int | None = None, seed: int | None = None,
+                    model: str = first) -> FileData:
+        """Make a 3D shape from text with Shap-E and return it as a GLB mesh with vertex colours.
+
+        Args:
+            prompt: the object to make, e.g. "a red wooden chair".
+            guidance: classifier-free guidance scale, 0 to 30; empty for the model's default (15 for Shap-E).
+            steps: denoising steps, 1 to the model's cap; empty for the model's default (64 for Shap-E).
+            seed: 0 to 4294967295 to repeat a shape; empty for random.
+            model: the 3D model id: {models}.
+        """
+        req = ShapeRequest(prompt=prompt, guidance=guidance, steps=steps, seed=seed, model=model, turntable=False)
+        try:
+            result = generate_shape(studio, req, client="api", endpoint="gradio:generate_3d")
+        except INPUT_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        with tempfile.NamedTemporaryFile(prefix=f"shape-{result.seed}-", suffix=".glb", delete=False) as fh:
+            fh.write(export_mesh(result.mesh, "glb"))
+        return FileData(path=fh.name, mime_type=MEDIA_TYPES["glb"])
+
+    generate_3d.__doc__ = generate_3d.__doc__.format(models=", ".join(models))
+    gr.api(generate_3d, api_name="generate_3d", concurrency_limit=None)

@@ -1,0 +1,343 @@
+"""What the request log costs: HTTP throughput with and without the middleware, the Analytics figures on
+1,000,000 rows, and the writer's rows per second.
+
+- Throughput: the studio's own app (routes, error handlers, middleware from `app_kwargs`) is served twice by
+  uvicorn in one server process, once with the middleware and once without; a keep-alive client sends GET
+  /health in short batches alternating between the two (rotating which goes first), and the ratio is the median
+  over rounds. The same comparison in-process (the ASGI app called directly on an async route, no network, no
+  client, no thread hop) shows the middleware's cost alone, the strictest view.
+- Analytics: a synthetic 1,000,000-row frame (30 days, 7 models of 4 modalities, errors, LoRA adapters) typed
+  as the reader types it; the time is filtering, every aggregate and every plotly figure (`analytics.report`),
+  median of 3. Parsing JSON Lines is timed separately (rows/s on 50,000 rows): the tab's reader parses each
+  byte once and afterwards reads only what was appended.
+- Writer: rows/s through `RequestLog.write` (shape, encode, locked append; fsync at most once a second), from
+  one thread and from four.
+
+    python bench/request_log.py            # writes bench/results/logging.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[0] = str(ROOT)  # the repository, so `studio` imports
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from studio.telemetry import analytics  # noqa: E402
+from studio.telemetry.requestlog import RequestLog, utc_stamp  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "logging.json"
+CATALOG = [("chat", "tiny-llama"), ("chat", "tiny-qwen2"), ("image", "tiny-sd"), ("image", "tiny-sd-turbo"),
+           ("speech", "piper-joe"), ("speech", "tiny-vits"), ("3d", "tiny-shap-e")]
+ENDPOINTS = {"chat": "/generate/text", "image": "/generate/image", "speech": "/generate/audio", "3d": "/generate/3d"}
+ERRORS = ["CacheBusy", "ModelLoadError", "ValueError", "RuntimeError"]
+ADAPTERS = [{"pixel-art": 0.8}, {"watercolor": 0.6}, {"pixel-art": 0.5, "ink": 1.0}, {"anime": 0.9}]
+
+
+# ---------------------------------------------------------------------------------------------------- throughput
+
+def _apps():
+    from fastapi import FastAPI
+
+    from studio.config import parse_settings
+    from studio.runtime import create_studio
+    from studio.server import app_kwargs
+
+    settings = parse_settings(["--profile", "tiny", "--log-dir", tempfile.mkdtemp(), "--memory-budget", "1GiB"],
+                              env={})
+    studio = create_studio(settings)
+    apps = FastAPI(**app_kwargs(studio)), FastAPI(**{**app_kwargs(studio), "middleware": []})
+    for app in apps:  # the cheapest route there is (no thread hop): the middleware's cost alone
+        app.get("/ping")(ping)
+    return apps
+
+
+async def ping() -> dict:
+    return {"ok": True}
+
+
+def serve(port_with: int, port_without: int) -> None:
+    """The server process: both apps on one event loop, so they share the CPU alike."""
+    import uvicorn
+
+    with_mw, without = _apps()
+    servers = [uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                             access_log=False, lifespan="off"))
+               for app, port in ((with_mw, port_with), (without, port_without))]
+
+    async def main() -> None:
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    asyncio.run(main())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compare(spend: Callable[[str, int], float], rounds: int, batches: int, per_batch: int) -> dict:
+    """Side by side: `spend(variant, n)` serves n requests and returns the seconds taken. Each round alternates
+    short batches of the two variants (rotating which goes first), so load that drifts on a shared machine hits
+    both alike; a round's ratio is throughput with / without over its summed times; the result is the median."""
+    ratios, rates = [], {"with": [], "without": []}
+    for r in range(rounds):
+        spent = {"with": 0.0, "without": 0.0}
+        for b in range(batches):
+            for variant in (("with", "without") if (r + b) % 2 == 0 else ("without", "with")):
+                spent[variant] += spend(variant, per_batch)
+        ratios.append(spent["without"] / spent["with"])
+        for variant, seconds in spent.items():
+            rates[variant].append(batches * per_batch / seconds)
+    return {"ratio": statistics.median(ratios), "with_rps": statistics.median(rates["with"]),
+            "without_rps": statistics.median(rates["without"]), "requests": 2 * rounds * batches * per_batch}
+
+
+def http_throughput(rounds: int, batches: int, per_batch: int) -> dict:
+    ports = {"with": _free_port(), "without": _free_port()}
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(ports["with"]), str(ports["without"])])
+    urls = {name: f"http://127.0.0.1:{port}/health" for name, port in ports.items()}
+    try:
+        with httpx.Client(timeout=30) as client:
+
+            def spend(variant: str, n: int) -> float:
+                start = time.perf_counter()
+                for _ in range(n):
+                    client.get(urls[variant]).raise_for_status()
+                return time.perf_counter() - start
+
+            deadline = time.monotonic() + 180
+            for url in urls.values():  # wait for the server
+                while True:
+                    try:
+                        client.get(url).raise_for_status()
+                        break
+                    except httpx.TransportError:
+                        if time.monotonic() > deadline or server.poll() is not None:
+                            raise
+                        time.sleep(0.2)
+            compare(spend, 1, 2, per_batch)  # warm up
+            return compare(spend, rounds, batches, per_batch)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def asgi_throughput(rounds: int, batches: int, per_batch: int) -> dict:
+    """The app called directly on an async route: the middleware's own cost, with nothing else around it."""
+    apps = dict(zip(("with", "without"), _apps()))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/ping", "raw_path": b"/ping", "root_path": "", "query_string": b"", "headers": [],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        pass
+
+    async def call(app, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        return time.perf_counter() - start
+
+    loop = asyncio.new_event_loop()
+    try:
+        def spend(variant: str, n: int) -> float:
+            return loop.run_until_complete(call(apps[variant], n))
+
+        compare(spend, 1, 2, per_batch)  # warm up (Starlette builds the middleware stack on the first call)
+        return compare(spend, rounds, batches, per_batch)
+    finally:
+        loop.close()
+
+
+# ---------------------------------------------------------------------------------------------------- analytics
+
+def _categorical(codes: np.ndarray, names: list[str]) -> pd.Categorical:
+    return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype="str"))
+
+
+def synthetic_logs(n: int, now: datetime, seed: int = 0) -> analytics.Logs:
+    """`n` request rows over 30 days, typed exactly as `analytics.requests_frame` types parsed rows."""
+    rng = np.random.default_rng(seed)
+    start = now - timedelta(days=30)
+    micros = np.sort(rng.integers(0, 30 * 86400 * 10**6, n))
+    which = rng.integers(0, len(CATALOG), n)
+    modality_names = sorted({m for m, _ in CATALOG})
+    modality = np.array([modality_names.index(m) for m, _ in CATALOG])[which]
+    is_chat, is_image = modality == modality_names.index("chat"), modality == modality_names.index("image")
+    status = rng.choice(3, n, p=[0.94, 0.04, 0.02])  # ok, error, stopped
+    error_code = np.where(status == 1, rng.integers(0, len(ERRORS), n), -1)
+    latency = rng.lognormal(6.5, 0.8, n)
+    nan = np.full(n, np.nan)
+    adapter_pick = rng.integers(0, len(ADAPTERS) * 2, n)
+    adapters = np.full(n, None, dtype=object)
+    chosen = is_image & (adapter_pick < len(ADAPTERS))
+    adapters[chosen] = [ADAPTERS[i] for i in adapter_pick[chosen]]
+    df = pd.DataFrame({
+        "ts": (pd.Timestamp(start) + pd.to_timedelta(micros, unit="us")).astype("datetime64[us, UTC]"),
+        "request_id": pd.Series([f"{i:032x}" for i in range(n)], dtype=object),
+        "client": _categorical(rng.integers(0, 4, n), ["api", "mcp", "openai", "ui"]),
+        "session": pd.Series([None] * n, dtype=object),
+        "endpoint": _categorical(modality, [ENDPOINTS[m] for m in modality_names]),
+        "modality": _categorical(modality, modality_names),
+        "model": _categorical(which, [model for _, model in CATALOG]),
+        "adapters": adapters,
+        "status": _categorical(status, ["ok", "error", "stopped"]),
+        "error_type": _categorical(error_code, ERRORS),
+        "queue_ms": rng.exponential(5, n),
+        "latency_ms": latency,
+        "ttft_ms": np.where(is_chat | is_image, latency * rng.uniform(0.05, 0.3, n), nan),
+        "load_ms": nan,
+        "prompt_tokens": np.where(is_chat, rng.integers(5, 500, n), nan).astype("float64"),
+        "completion_tokens": np.where(is_chat, rng.integers(1, 512, n), nan).astype("float64"),
+        "steps": np.where(is_image, rng.integers(1, 30, n), nan).astype("float64"),
+        "seed": pd.Series([None] * n, dtype=object),
+        "output_pixels": np.where(is_image, 512 * 512, nan),
+        "audio_seconds": np.where(modality == modality_names.index("speech"), rng.uniform(1, 20, n), nan),
+        "faces": np.where(modality == modality_names.index("3d"), rng.integers(1000, 50000, n), nan).astype("float64"),
+        "cache": _categorical(rng.choice(2, n, p=[0.9, 0.1]), ["hit", "load"]),
+        "peak_memory_bytes": rng.uniform(1e9, 8e9, n),
+        "prompt_chars": rng.integers(10, 2000, n).astype("float64"),
+        "prompt_sha256": pd.Series(["0" * 64] * n, dtype=object),
+        "prompt": pd.Series([None] * n, dtype=object),
+        "external": pd.Series([False] * n, dtype=object),
+        "extra": pd.Series([None] * n, dtype=object),
+    })
+    events = n // 200
+    cache = pd.DataFrame({
+        "ts": (pd.Timestamp(start) + pd.to_timedelta(np.sort(rng.integers(0, 30 * 86400 * 10**6, events)),
+                                                     unit="us")).astype("datetime64[us, UTC]"),
+        "event": _categorical(rng.choice(3, events, p=[0.6, 0.05, 0.35]), ["load", "load_failed", "evict"]),
+        "model": _categorical(rng.integers(0, len(CATALOG), events), [model for _, model in CATALOG]),
+        "seconds": rng.uniform(0.5, 30, events),
+        "bytes": rng.uniform(1e8, 5e9, events),
+        "error_type": _categorical(np.full(events, -1), ERRORS),
+    })
+    reference = analytics.requests_frame([])
+    assert df.dtypes.astype(str).tolist() == reference.dtypes.astype(str).tolist(), "synthetic frame drifted"
+    return analytics.Logs(df, cache)
+
+
+def analytics_time(rows: int, now: datetime) -> dict:
+    logs = synthetic_logs(rows, now)
+    selection = analytics.Filters(start=now - timedelta(days=30), end=now)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        result = analytics.report(logs, selection)
+        times.append(time.perf_counter() - start)
+    assert result.totals["requests"] == rows and len(result.figures) == len(analytics.FIGURES)
+    return {"seconds": statistics.median(times), "all_runs": [round(t, 3) for t in times]}
+
+
+def parse_rate(rows: int, now: datetime) -> float:
+    """Rows per second of a cold read (JSON Lines -> typed frame) of realistic rows."""
+    folder = Path(tempfile.mkdtemp())
+    log = RequestLog(folder)
+    records = synthetic_logs(rows, now, seed=1).requests.head(rows)
+    with open(folder / f"requests-{now:%Y-%m-%d}.jsonl", "wb") as fh:
+        for record in records.to_dict("records"):
+            record["ts"] = utc_stamp(record["ts"].to_pydatetime())
+            fh.write(orjson.dumps(log.shape(record), default=str, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    start = time.perf_counter()
+    logs = analytics.LogReader(folder).read()
+    seconds = time.perf_counter() - start
+    assert len(logs.requests) == rows
+    return rows / seconds
+
+
+# ---------------------------------------------------------------------------------------------------- writer
+
+def writer_rate(seconds: float, threads: int) -> float:
+    log = RequestLog(Path(tempfile.mkdtemp()))
+    fields = {"client": "api", "endpoint": "/generate/text", "modality": "chat", "model": "tiny-llama",
+              "status": "ok", "queue_ms": 0.1, "latency_ms": 812.5, "ttft_ms": 40.2, "prompt_tokens": 37,
+              "completion_tokens": 128, "seed": 1234, "cache": "hit", "prompt": "Tell me about the sea. " * 4}
+    counts = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def work(t: int) -> None:
+        while time.perf_counter() < stop:
+            log.write(fields)
+            counts[t] += 1
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    log.close()
+    assert log.write_errors == 0
+    return sum(counts) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows for the analytics timing")
+    parser.add_argument("--rounds", type=int, default=7, help="throughput rounds (the median is reported)")
+    parser.add_argument("--batches", type=int, default=10, help="alternating batches per round and variant")
+    parser.add_argument("--per-batch", type=int, default=25, help="HTTP requests per batch")
+    parser.add_argument("--serve", nargs=2, type=int, metavar=("PORT_WITH", "PORT_WITHOUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(*args.serve)
+        return
+
+    now = datetime.now(timezone.utc)
+    figures = analytics_time(args.rows, now)
+    parse = parse_rate(50_000, now)
+    single, four = writer_rate(3.0, 1), writer_rate(3.0, 4)
+    http = http_throughput(args.rounds, args.batches, args.per_batch)
+    asgi = asgi_throughput(args.rounds, args.batches, args.per_batch * 4)
+    result = {
+        "throughput_ratio": round(http["ratio"], 3),
+        "analytics_1m_rows_s": round(figures["seconds"], 3),
+        "rows_per_s": round(single),
+        "details": {
+            "http": {k: round(v, 3 if k == "ratio" else 1) if isinstance(v, float) else v for k, v in http.items()},
+            "asgi_in_process": {k: round(v, 3) if k == "ratio" else round(v) for k, v in asgi.items()},
+            "analytics_rows": args.rows,
+            "analytics_runs_s": figures["all_runs"],
+            "parse_rows_per_s": round(parse),
+            "writer_rows_per_s_4_threads": round(four),
+            "machine": f"{os.cpu_count()} CPU cores, shared with other work while measured",
+        },
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"throughput_ratio     {result['throughput_ratio']}  (HTTP /health with / without middleware: "
+          f"{http['with_rps']:.0f} / {http['without_rps']:.0f} req/s; in-process ASGI /ping {asgi['ratio']:.3f})")
+    print(f"analytics_1m_rows_s  {result['analytics_1m_rows_s']}  (every aggregate and figure from {args.rows:,} "
+          f"rows; JSON Lines parse {parse:,.0f} rows/s)")
+    print(f"rows_per_s           {result['rows_per_s']}  (one thread; {four:,.0f} with four)")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Text-to-3D with Shap-E: the one code path behind the 3D tab, the REST route and the Gradio client / MCP endpoint.
+
+One denoising run, two decodings. The pipeline runs with `output_type="latent"`, then its renderer decodes that
+latent into a marching-cubes mesh with vertex colours (what `output_type="mesh"` returns) and, when asked, into the
+20 turntable frames (what `output_type="pil"` returns): mesh and turntable come from the same shape without
+denoising twice.
+
+The full mesh is what downloads (GLB, PLY, OBJ). The browser preview is simplified to at most PREVIEW_MAX_FACES
+faces by quadric decimation (`fast_simplification`, the library behind trimesh's `simplify_quadric_decimation`),
+because Shap-E's grid of 128 can give a mesh of over a million faces and a WebGL viewer then stalls.
+
+diffusers' ShapEPipeline has no `callback_on_step_end`; `_SteppedShapE` gets per-step progress and Stop from the
+generator its denoising loop iterates over (see there).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import trimesh
+from diffusers import ShapEPipeline
+
+from studio.registry import ModelSpec
+from studio.runtime import Studio
+
+MEDIA_TYPES = {
+    "glb": "model/gltf-binary",
+    "ply": "application/x-ply",  # PLY has no registered media type; this is the common unregistered name
+    "obj": "model/obj",
+}
+PREVIEW_MAX_FACES = 100_000  # the viewer gets a simplified copy above this; downloads keep every face
+MAX_GUIDANCE = 30.0
+MAX_PROMPT_CHARS = 2000  # CLIP reads the first 77 tokens; the rest is cut (diffusers warns)
+SEED_RANGE = 2**32
+FRAME_STEP = 32  # the renderer casts rays in batches of 4096; 20 views of size**2 rays divide evenly for these
+# Shap-E's shapes are z-up; glTF viewers (gr.Model3D) are y-up and look down -z: stand the shape up, facing the
+# viewer (the same turn as the Shap-E demo Space applies before exporting GLB).
+Y_UP = trimesh.transformations.rotation_matrix(math.pi, [0, 1, 0]) @ trimesh.transformations.rotation_matrix(
+    -math.pi / 2, [1, 0, 0])
+
+_simplify_lock = threading.Lock()  # fast_simplification keeps its working mesh in module globals
+
+
+class ShapeInputError(ValueError):
+    """A request field the shape cannot be made from; the message starts with the field's name (an HTTP 422)."""
+
+
+@dataclass(eq=False)
+class ShapEModel:
+    """What the cache holds. Decoding writes the latent into the renderer's own MLP weights, so two decodings at
+    once would mix shapes: `decode_lock` serialises them. Denoising needs no lock (each run gets its scheduler)."""
+
+    pipe: ShapEPipeline
+    decode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def load_shap_e(spec: ModelSpec, path: Path, device: str, dtype: str) -> ShapEModel:
+    return ShapEModel(ShapEPipeline.from_pretrained(path, dtype=getattr(torch, dtype)).to(device))
+
+
+@dataclass
+class ShapeRequest:
+    """Unset guidance, steps and frame size take the model's defaults (registry options; 15, 64, 64 for Shap-E)."""
+
+    prompt: str
+    guidance: float | None = None
+    steps: int | None = None
+    frame_size: int | None = None  # turntable frame width and height in pixels
+    seed: int | None = None  # None: a random seed, reported in the result
+    model: str | None = None  # None: the profile's first 3D model
+    turntable: bool = True  # also render the 20 turntable frames (the REST route, which returns a mesh, skips them)
+
+
+@dataclass
+class ShapeResult:
+    mesh: trimesh.Trimesh  # the full mesh, y-up, with RGBA vertex colours
+    seed: int
+    frames: list = field(default_factory=list)  # PIL images of the turntable; empty unless asked for
+    steps: int = 0  # denoising steps done (fewer than asked when stopped)
+    stopped: bool = False
+    settings: dict = field(default_factory=dict)  # what made the shape: model, prompt, guidance, steps, seed, ...
+
+
+def default_model(studio: Studio) -> str | None:
+    """The model a request without one gets: the profile's first 3D model."""
+    models = studio.models("3d")
+    return models[0] if models else None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ShapeInputError(message)
+
+
+def _resolve(studio: Studio, req: ShapeRequest) -> tuple[ModelSpec, dict]:
+    """Validate the request against the model's caps and fill in its defaults."""
+    model = req.model or default_model(studio)
+    _check(bool(model), "model: this profile has no 3D model")
+    spec = studio.registry.get(model)  # UnknownModelError: 404 over HTTP
+    _check(spec.modality == "3d", f"model: {model!r} is a {spec.modality} model, not a 3D model")
+    opts = spec.options
+    _check(isinstance(req.prompt, str) and bool(req.prompt.strip()), "prompt: must not be empty")
+    _check(len(req.prompt) <= MAX_PROMPT_CHARS, f"prompt: at most {MAX_PROMPT_CHARS} characters")
+    guidance = opts.get("guidance", 15.0) if req.guidance is None else req.guidance
+    _check(isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE,
+           f"guidance: must be 0 to {MAX_GUIDANCE:g}")
+    steps = opts.get("steps", 64) if req.steps is None else req.steps
+    max_steps = opts.get("max_steps", 128)
+    _check(isinstance(steps, int) and 1 <= steps <= max_steps, f"steps: must be 1 to {max_steps} for {spec.id}")
+    frame_size = opts.get("frame_size", 64) if req.frame_size is None else req.frame_size
+    max_frame = opts.get("max_frame_size", 256)
+    _check(isinstance(frame_size, int) and FRAME_STEP <= frame_size <= max_frame and frame_size % FRAME_STEP == 0,
+           f"frame_size: must be a multiple of {FRAME_STEP} from {FRAME_STEP} to {max_frame} for {spec.id}")
+    _check(req.seed is None or (isinstance(req.seed, int) and 0 <= req.seed < SEED_RANGE),
+           f"seed: must be empty (random) or 0 to {SEED_RANGE - 1}")
+    return spec, {"model": spec.id, "prompt": req.prompt.strip(), "guidance": float(guidance), "steps": steps,
+                  "frame_size": frame_size}
+
+
+def validate_shape(studio: Studio, req: ShapeRequest) -> None:
+    """Raise ShapeInputError("field: message") for a bad request (UnknownModelError for an unknown model)."""
+    _resolve(studio, req)
+
+
+class _SteppedShapE(ShapEPipeline):
+    """ShapEPipeline with per-step progress and a Stop between steps, for one run.
+
+    ShapEPipeline has no `callback_on_step_end`, but its denoising loop is `for i, t in
+    enumerate(self.progress_bar(timesteps))`, so `progress_bar` runs between every two steps. Here it reports
+    each finished step and, once `cancel` is set, ends the loop (what `_interrupt` does in pipelines that have a
+    callback): the pipeline then returns the latents denoised so far. A run shares the loaded model's modules
+    and gets its own scheduler (the scheduler keeps per-run state).
+    """
+
+    _on_step: Callable[[int, int], None]
+    _cancel: threading.Event | None
+
+    @classmethod
+    def run_of(cls, pipe: ShapEPipeline, on_step: Callable[[int, int], None],
+               cancel: threading.Event | None) -> "_SteppedShapE":
+        # A copy, not `from_config`: a new Heun scheduler with Karras sigmas spends a quarter second on its
+        # 1024-step training schedule.
+        run = cls(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+        run._on_step, run._cancel, run._interrupt = on_step, cancel, False
+        return run
+
+    def progress_bar(self, iterable=None, total=None):
+        for done, timestep in enumerate(iterable):
+            if self._cancel is not None and self._cancel.is_set():
+                self._interrupt = True
+                return
+            yield timestep
+            self._on_step(done + 1, len(iterable))
+
+
+def generate_shape(studio: Studio, req: ShapeRequest, *, client: str, endpoint: str, session: str | None = None,
+                   cancel: threading.Event | None = None,
+                   progress: Callable[[float, str], None] | None = None) -> ShapeResult:
+    """Make a coloured mesh (and turntable frames) from text; when `cancel` is set, stop after the current step
+    and decode the shape denoised so far."""
+    spec, settings = _resolve(studio, req)
+    seed = secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed
+    settings["seed"] = seed
+    report = progress or (lambda _fraction, _desc: None)
+    steps = settings["steps"]
+    done = 0
+
+    with studio.generation(modality="3d", model=spec.id, client=client, endpoint=endpoint, session=session) as (
+            lease, rec):
+        rec.set(prompt=settings["prompt"], seed=seed, steps=steps)
+
+        def on_step(evaluations: int, total: int) -> None:
+            # Heun's method evaluates the prior twice per step, once for the last: 2 * steps - 1 in all, and step k
+            # is complete after evaluation 2k.
+            nonlocal done
+            done = evaluations * steps // total
+            rec.first_output()
+            report(0.8 * evaluations / total, f"denoising: {done}/{steps} steps")
+
+        model: ShapEModel = lease.model
+        run = _SteppedShapE.run_of(model.pipe, on_step, cancel)
+        latents = run(settings["prompt"], num_inference_steps=steps, guidance_scale=settings["guidance"],
+                      generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+        renderer, device = model.pipe.shap_e_renderer, model.pipe.device
+        with model.decode_lock:
+            report(0.8, "extracting the mesh")
+            raw = renderer.decode_to_mesh(latents[:1], device, grid_size=spec.options.get("grid_size", 128))
+            stopped = cancel is not None and cancel.is_set()
+            frames = []
+            if req.turntable and not stopped:  # a Stop during the denoising or the mesh skips the turntable
+                report(0.9, "rendering the turntable")
+                coarse, fine = spec.options.get("render_samples", (64, 128))
+                images = renderer.decode_to_image(latents[:1], device, size=settings["frame_size"],
+                                                  n_coarse_samples=coarse, n_fine_samples=fine)
+                frames = ShapEPipeline.numpy_to_pil(images.float().cpu().numpy())
+        mesh = _to_trimesh(raw)
+        rec.set(steps=done, faces=len(mesh.faces), stopped=stopped)
+    report(1.0, "done")
+    return ShapeResult(mesh, seed, frames, done, stopped, settings)
+
+
+def _to_trimesh(raw: Any) -> trimesh.Trimesh:
+    """diffusers' MeshDecoderOutput (vertices, faces, R/G/B channels in 0..1) as a y-up trimesh."""
+    colours = torch.stack([raw.vertex_channels[c] for c in "RGB"], dim=1).float().clamp(0, 1).cpu().numpy()
+    mesh = trimesh.Trimesh(vertices=raw.verts.float().cpu().numpy(), faces=raw.faces.cpu().numpy(),
+                           vertex_colors=np.round(colours * 255).astype(np.uint8), process=False)
+    mesh.apply_transform(Y_UP)
+    return mesh
+
+
+def export_mesh(mesh: trimesh.Trimesh, fmt: str) -> bytes:
+    """The mesh as a GLB, PLY (binary) or OBJ file, vertex colours included."""
+    _check(fmt in MEDIA_TYPES, f"format: must be one of {', '.join(MEDIA_TYPES)}")
+    data = mesh.export(file_type=fmt)
+    return data.encode() if isinstance(data, str) else data
+
+
+def preview_mesh(mesh: trimesh.Trimesh, max_faces: int = PREVIEW_MAX_FACES) -> tuple[trimesh.Trimesh, bool]:
+    """The mesh for the viewer: itself up to `max_faces` faces, else a quadric-decimated copy (True: simplified).
+
+    Each kept vertex takes the mean colour of the vertices collapsed into it. The decimator can stop above its
+    target on a first pass; further passes go on from there while the face count still falls.
+    """
+    if len(mesh.faces) <= max_faces:
+        return mesh, False
+    import fast_simplification
+
+    vertices, faces = mesh.vertices, mesh.faces
+    colours = mesh.visual.vertex_colors.astype(np.float64)
+    with _simplify_lock:
+        while len(faces) > max_faces:
+            _, _, collapses = fast_simplification.simplify(vertices, faces, target_count=max_faces,
+                                                           return_collapses=True)
+            new_vertices, new_faces, mapping = fast_simplification.replay_simplification(vertices, faces, collapses)
+            if len(new_faces) >= len(faces):
+                break
+            kept = mapping >= 0  # -1: a vertex left in no face
+            sums = np.zeros((len(new_vertices), colours.shape[1]))
+            np.add.at(sums, mapping[kept], colours[kept])
+            colours = sums / np.maximum(np.bincount(mapping[kept], minlength=len(new_vertices)), 1)[:, None]
+            vertices, faces = new_vertices, new_faces
+    simple = trimesh.Trimesh(vertices=vertices, faces=faces, vertex_colors=np.round(colours).astype(np.uint8),
+                             process=False)
+    return simple, True
+
+
+def turntable_gif(frames: list, seconds: float = 2.0) -> bytes:
+    """The turntable frames as an endlessly looping animated GIF, one turn in `seconds`."""
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], loop=0,
+                   duration=round(1000 * seconds / len(frames)), disposal=2)
+    return buffer.getvalue()

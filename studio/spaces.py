@@ -1,0 +1,98 @@
+"""Running as a Hugging Face Space: persistent storage under /data, and ZeroGPU hardware.
+
+`configure()` must run first thing in app.py, before huggingface_hub or torch is imported: huggingface_hub reads
+HF_HOME once, at import, and on ZeroGPU the `spaces` package must be imported before anything touches CUDA.
+
+Persistent storage: when /data is a writable mount, the Hugging Face cache defaults to /data/.huggingface (so
+models are not downloaded again after every restart) and the request logs to /data/logs (studio.config).
+Models listed in README's `preload_from_hub` are baked into the image's default cache at build time; with /data
+mounted the studio reads /data instead, so those models are downloaded once more, into /data, on first use.
+
+ZeroGPU: a GPU exists only inside a call to a function decorated with `spaces.GPU`, and that call runs in a
+forked worker process that receives its arguments pickled. So:
+- an in-VRAM cache is useless there: on ZeroGPU the studio's device defaults to the CPU (STUDIO_DEVICE=cpu) and
+  the cache keeps models in RAM. The GPU call is where a model would move to CUDA for the call and back after;
+  the backends do not do that move yet, so a decorated call holds the GPU but computes on the CPU.
+- decorate functions whose arguments are plain values (Gradio event handlers, `gr.api` endpoints), never
+  functions taking the Studio: its locks cannot be pickled. Models loaded inside the worker stay in the worker's
+  copy of the cache (reused while that worker lives); the request log is a file, so its rows are kept.
+- decorate at import time: ZeroGPU checks at launch that at least one function is decorated.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+from typing import Callable, MutableMapping, TypeVar
+
+from studio.config import SPACES_DATA
+
+F = TypeVar("F", bound=Callable)
+
+MAX_GPU_SECONDS = 120  # ZeroGPU refuses or queues long reservations; a request is capped here
+BASE_SECONDS = 10  # per call: moving weights to the GPU, CUDA warm-up
+
+
+def _truthy(value: str | None) -> bool:
+    return str(value or "").lower() in ("1", "true", "yes", "on")
+
+
+def on_spaces(env: MutableMapping[str, str] | None = None) -> bool:
+    """Running inside a Hugging Face Space (which sets SPACE_ID)."""
+    return bool((os.environ if env is None else env).get("SPACE_ID"))
+
+
+def zero_gpu(env: MutableMapping[str, str] | None = None) -> bool:
+    """On ZeroGPU hardware (SPACES_ZERO_GPU) with the `spaces` package installed."""
+    env = os.environ if env is None else env
+    return _truthy(env.get("SPACES_ZERO_GPU")) and importlib.util.find_spec("spaces") is not None
+
+
+def configure(env: MutableMapping[str, str] | None = None, data: Path = SPACES_DATA) -> None:
+    """Spaces defaults, as environment variables that an explicit setting still overrides."""
+    env = os.environ if env is None else env
+    if data.is_dir() and os.access(data, os.W_OK):
+        env.setdefault("HF_HOME", str(data / ".huggingface"))
+    if zero_gpu(env):
+        import spaces  # noqa: F401  (patches torch; must come before CUDA is initialised)
+
+        env.setdefault("STUDIO_DEVICE", "cpu")
+
+
+def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
+    """Decorator: on ZeroGPU run the function under `spaces.GPU`, reserving `duration(*args, **kwargs)` seconds.
+
+    Elsewhere it returns the function unchanged. `duration` gets the same arguments as the decorated function;
+    build it from the estimators below, e.g. `@gpu(lambda prompt, steps, width, height, *_: image_seconds(...))`.
+    """
+    if not zero_gpu():
+        return lambda fn: fn
+    import spaces
+
+    return spaces.GPU(duration=duration)
+
+
+def _seconds(work: float) -> int:
+    return int(min(MAX_GPU_SECONDS, math.ceil(BASE_SECONDS + work)))
+
+
+def chat_seconds(max_new_tokens: int) -> int:
+    """A 0.5-1.1B model decodes 30-60 tokens/s on a ZeroGPU slice: budget 20 tokens/s."""
+    return _seconds(max_new_tokens / 20)
+
+
+def image_seconds(steps: int, width: int, height: int, n: int = 1) -> int:
+    """About 0.15 s per step per 512x512 image for Stable Diffusion 1.5 in half precision, plus VAE decoding."""
+    return _seconds(n * (steps * 0.15 + 1) * (width * height) / (512 * 512))
+
+
+def speech_seconds(text: str) -> int:
+    """Bark, the slowest voice, generates a little faster than real time; speech runs about 15 characters/s."""
+    return _seconds(len(text) / 15)
+
+
+def shape_seconds(steps: int) -> int:
+    """Shap-E: about 0.2 s per diffusion step, plus a few seconds to decode the mesh."""
+    return _seconds(steps * 0.2 + 5)

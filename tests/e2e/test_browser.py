@@ -1,0 +1,222 @@
+"""The studio in a real browser (Debian's Chromium through Playwright), on the tiny profile: a streamed chat reply,
+an image with a LoRA adapter at a chosen weight, speech in the audio player, a 3D shape in the viewer, Analytics
+counting those requests, Stop ending a generation early, the login page when auth is on, and no request to any
+host other than the studio's own.
+
+The tests share one server, so Analytics (which reads the server's request log) runs after the generations."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import Counter
+from urllib.parse import urlsplit
+
+import pytest
+
+from e2e.conftest import CHROMIUM, LOGIN, LORA_NAME
+
+if not CHROMIUM.exists():
+    pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
+                allow_module_level=True)
+
+from playwright.sync_api import Locator, Page, expect  # noqa: E402
+
+PROMPT = re.compile(r"^Prompt")  # not "Negative prompt"
+LOCAL_SCHEMES = ("data", "blob", "about")  # content the page holds itself, no network
+
+# From now on, record the text of the last element matching a selector at every change of the page.
+WATCH = """(selector) => {
+    const seen = (window.seen ??= {})[selector] = [];
+    new MutationObserver(() => {
+        const found = document.querySelectorAll(selector);
+        if (found.length) seen.push(found[found.length - 1].innerText);
+    }).observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+# The bars of the first figure on the visible tab, once they add up to `total`: {trace name: sum of its bars}.
+PLOTTED = """(total) => {
+    const plot = [...document.querySelectorAll('.js-plotly-plot')].find(el => el.offsetParent !== null);
+    const bars = Object.fromEntries((plot?.data ?? []).map(t => [t.name, t.y.reduce((a, b) => a + b, 0)]));
+    return Object.values(bars).reduce((a, b) => a + b, 0) === total && bars;
+}"""
+REPLY = '#chat-history [data-testid="bot"]'
+PROGRESS = ".progress-level-inner"  # the progress bar's text, e.g. "image 1/1 · step 3/50"
+
+
+def open_tab(page: Page, name: str) -> Locator:
+    """Click a tab and return its panel (Playwright's role selectors skip the hidden panels of other tabs)."""
+    page.get_by_role("tab", name=name, exact=True).click()
+    panel = page.get_by_role("tabpanel")
+    expect(panel).to_have_count(1)
+    return panel
+
+
+def open_studio(page: Page, url: str, tab: str) -> Locator:
+    page.goto(url)
+    return open_tab(page, tab)
+
+
+def fill(box: Locator, value: float | str) -> None:
+    """Type a value and leave the box, which is when Gradio takes it."""
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def set_slider(panel: Locator, label: str, value: float) -> None:
+    fill(panel.get_by_label(f"number input for {label}", exact=True), value)
+
+
+def choose(page: Page, panel: Locator, label: str, option: str) -> None:
+    """Pick an option of a dropdown (also of a multiselect one)."""
+    panel.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    page.keyboard.press("Escape")  # a multiselect dropdown stays open
+
+
+def idle(panel: Locator, start: str) -> None:
+    """The tab's generation has ended: no progress tracker is running and its start button is enabled."""
+    expect(panel.locator(".progress-text, .eta-bar")).to_have_count(0)
+    expect(panel.get_by_role("button", name=start, exact=True)).to_be_enabled()
+
+
+def last_row(server, modality: str) -> dict:
+    rows = [row for row in server.rows if row["modality"] == modality]
+    assert rows, f"no {modality} request was logged"
+    return rows[-1]
+
+
+def make_image(page: Page, url: str, adapter: str, weight: float) -> Locator:
+    """Generate an image on the Image tab with one adapter at `weight`; returns the gallery's new image."""
+    panel = open_studio(page, url, "Image")
+    panel.get_by_role("textbox", name=PROMPT).fill("a watercolor fox in the snow")
+    fill(panel.get_by_label("Seed", exact=True), 7)
+    choose(page, panel, "Adapters", adapter)
+    set_slider(panel, adapter, weight)  # the adapter's weight slider is labelled with its name
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    image = panel.get_by_role("img", name=f"seed 7 · 1 steps · {adapter}:{weight:g}")  # its caption
+    expect(image).to_be_visible()
+    return image
+
+
+def send_chat(panel: Locator, message: str) -> None:
+    """Send a message on the Chat tab and wait for the reply to finish."""
+    panel.get_by_placeholder("Type a message and press Enter").fill(message)
+    panel.get_by_role("button", name="Send", exact=True).click()
+    expect(panel.locator("#chat-status")).to_contain_text("tokens/s")  # the summary under a finished reply
+
+
+def test_chat_streams_a_reply(server, page):
+    panel = open_studio(page, server.url, "Chat")
+    page.evaluate(WATCH, REPLY)
+    send_chat(panel, "Hello there, studio")
+    expect(panel.get_by_test_id("user")).to_have_text("Hello there, studio")
+    reply = panel.get_by_test_id("bot").inner_text()
+    lengths = [len(text) for text in page.evaluate("s => window.seen[s]", REPLY) if text]
+    assert len(set(lengths)) >= 2 and lengths == sorted(lengths), f"the reply did not grow: {lengths}"
+    assert lengths[-1] == len(reply)
+    row = last_row(server, "chat")
+    assert (row["client"], row["status"]) == ("ui", "ok") and row["completion_tokens"] > 0
+
+
+def test_image_with_a_lora_at_a_chosen_weight(server, page):
+    image = make_image(page, server.url, LORA_NAME, 0.6)
+    expect(page.get_by_role("tabpanel").get_by_text("Seed used: 7")).to_be_visible()
+    assert image.evaluate("img => img.complete && img.naturalWidth") == 64  # the tiny model's 64×64 image
+    row = last_row(server, "image")
+    assert (row["client"], row["status"], row["seed"]) == ("ui", "ok", 7)
+    assert row["adapters"] == {LORA_NAME: 0.6}
+
+
+def test_speech_shows_the_audio_player(server, page):
+    panel = open_studio(page, server.url, "Speech")
+    choose(page, panel, "Model", "piper-joe")
+    panel.get_by_label("Text").fill("Hello from the studio.")
+    panel.get_by_role("button", name="Speak", exact=True).click()
+    expect(panel.get_by_text("s of audio")).to_be_visible()
+    expect(panel.get_by_role("button", name="Play", exact=False).first).to_be_visible()
+    row = last_row(server, "speech")
+    assert (row["model"], row["status"]) == ("piper-joe", "ok") and row["audio_seconds"] > 0.5
+
+
+def test_3d_shape_shows_the_preview_canvas(server, page):
+    panel = open_studio(page, server.url, "3D")
+    panel.get_by_role("textbox", name=PROMPT).fill("a red wooden chair")
+    set_slider(panel, "Steps", 2)
+    panel.get_by_label("Render the turntable").uncheck()
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    expect(panel.get_by_text("faces")).to_be_visible()
+    canvas = panel.locator("canvas").first
+    expect(canvas).to_be_visible()
+    from PIL import Image
+
+    shot = Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")
+    assert len(shot.getcolors(1 << 16) or range(1 << 16)) > 1, "the 3D preview canvas is blank"
+    row = last_row(server, "3d")
+    assert (row["status"], row["steps"]) == ("ok", 2) and row["faces"] > 0
+
+
+def test_stop_ends_a_generation_early(server, page):
+    panel = open_studio(page, server.url, "Image")
+    choose(page, panel, "Model", "tiny-sd")  # guidance doubles each step's work: a slow image to stop
+    steps = panel.get_by_label("number input for Steps", exact=True)
+    expect(steps).to_have_attribute("max", "50")  # the model's caps and defaults have arrived
+    fill(steps, 50)
+    panel.get_by_role("textbox", name=PROMPT).fill("a slow, detailed landscape")
+    logged = len(server.rows)
+    page.evaluate(WATCH, PROGRESS)
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    expect(panel.get_by_text(re.compile(r"step \d+/50")).first).to_be_visible()  # steps are running
+    panel.get_by_role("button", name="Stop", exact=True).click()
+    expect(panel.get_by_text("stopped")).to_be_visible()
+    idle(panel, "Generate")
+    steps_shown = [int(n) for text in page.evaluate("s => window.seen[s]", PROGRESS)
+                   for n in re.findall(r"step (\d+)/50", text)]
+    assert steps_shown and max(steps_shown) < 50, f"the progress bar went on: {steps_shown}"
+    assert len(server.rows) == logged + 1 and last_row(server, "image")["status"] == "stopped"
+
+
+def test_analytics_reflects_the_requests(server, page):
+    """The totals and the requests figure count every logged request (the tests above made most of them), and
+    Refresh shows a new one."""
+    send_chat(open_studio(page, server.url, "Chat"), "count me")
+    panel = open_tab(page, "Analytics")
+    panel.get_by_role("button", name="Refresh", exact=True).click()  # the tab drew its figures at page load
+    totals = panel.locator("p", has_text=re.compile(r"\d+ requests"))  # the totals line
+    stopped = sum(row["status"] == "stopped" for row in server.rows)
+    expect(totals).to_contain_text(f"{len(server.rows):,} requests")
+    expect(totals).to_contain_text(f"stopped {stopped}")
+    counts = Counter(f"{row['modality']} · {row['model']}" for row in server.rows)
+    plotted = page.wait_for_function(PLOTTED, arg=len(server.rows)).json_value()  # the requests figure
+    assert plotted == counts
+
+    send_chat(open_tab(page, "Chat"), "and me")
+    open_tab(page, "Analytics").get_by_role("button", name="Refresh", exact=True).click()
+    expect(totals).to_contain_text(f"{len(server.rows):,} requests")
+
+
+def log_in(page: Page, user: str, password: str) -> None:
+    page.get_by_label("username").fill(user)
+    page.get_by_label("password").fill(password)
+    page.get_by_role("button", name="Login").click()
+
+
+def test_login_when_auth_is_on(auth_server, page):
+    page.goto(auth_server.url)
+    log_in(page, LOGIN[0], "wrong")
+    expect(page.get_by_text("Incorrect Credentials")).to_be_visible()
+    expect(page.get_by_role("tab")).to_have_count(0)
+    log_in(page, *LOGIN)
+    for tab in ("Chat", "Speech", "Image", "3D", "Analytics", "Models"):
+        expect(page.get_by_role("tab", name=tab, exact=True)).to_be_visible()
+    expect(page.get_by_placeholder("Type a message and press Enter")).to_be_editable()
+
+
+def test_the_page_contacts_only_the_studio(server, auth_server, page, requested_urls):
+    """Checked over every request of every page in this module (generations, players, viewer, plots, login)."""
+    open_studio(page, server.url, "Chat")
+    for tab in ("Speech", "Image", "3D", "Analytics", "Models"):
+        open_tab(page, tab)
+    own = {urlsplit(server.url).netloc, urlsplit(auth_server.url).netloc}
+    elsewhere = {url for url in requested_urls if urlsplit(url).scheme not in LOCAL_SCHEMES
+                 and urlsplit(url).netloc not in own}
+    assert requested_urls and not elsewhere, f"requests to other hosts: {sorted(elsewhere)}"
