@@ -18,7 +18,7 @@ from studio.backends.speech import (MAX_TEXT_CHARS, PAUSE_SECONDS, SpeechInputEr
 from studio.config import parse_settings
 from studio.registry import UnknownModelError
 from studio.runtime import create_studio
-from studio.ui.speech_tab import StopFlags
+from studio.ui.controls import StopFlags
 
 SAMPLE_RATES = {"tiny-bark": 24_000, "tiny-vits": 16_000, "piper-joe": 22_050}  # Bark/EnCodec, MMS-TTS, Joe medium
 THREE = "The first sentence is here. Then comes the second one! Is this the third?"

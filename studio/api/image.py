@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from studio.backends.image import ImageRequest, default_model, generate_images, image_seed, list_loras, png_bytes
+from studio.api.security import guard
 from studio.runtime import Studio
 
 
@@ -47,7 +48,7 @@ class Lora(BaseModel):
 
 
 def router(studio: Studio) -> APIRouter:
-    api = APIRouter(tags=["image"])
+    api = APIRouter(tags=["image"], dependencies=[guard(studio)])
 
     ok = {"description": "The image (PNG) or, with response_format b64_json, JSON; the seed is in the X-Seed header",
           "content": {"image/png": {}, "application/json": {"schema": ImageResponse.model_json_schema()}}}

@@ -12,13 +12,14 @@ import tempfile
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, SEED_RANGE, ImageRequest, default_model, generate_images,
+from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, ImageRequest, default_model, generate_images,
                                    list_loras, png_bytes)
 from studio.backends.lora import MAX_WEIGHT
 from studio.cache import CacheError
 from studio.registry import UnknownModelError
 from studio.runtime import Studio
-from studio.ui.speech_tab import StopFlags
+from studio.spaces import gpu, image_seconds
+from studio.ui.controls import StopFlags, parse_seed, seed_box
 
 SLOTS = 6  # adapters at once in the UI, each with a weight slider
 HISTORY = 48  # images kept per session in the gallery
@@ -91,8 +92,7 @@ def build(studio: Studio) -> None:
                 width = gr.Slider(label="Width", **{k: width_u[k] for k in ("minimum", "maximum", "step", "value")})
                 height = gr.Slider(label="Height", **{k: height_u[k] for k in ("minimum", "maximum", "step", "value")})
             with gr.Row():
-                seed = gr.Number(label="Seed", precision=0, minimum=0, maximum=SEED_RANGE - 1,
-                                 info="Empty: random. The seed used is shown below the gallery.")
+                seed = seed_box("Empty: random. The seed used is shown below the gallery.")
                 n = gr.Slider(1, n_u["maximum"], value=1, step=1, label="Number of images")
             with gr.Accordion("LoRA adapters", open=True):
                 with gr.Row():
@@ -131,7 +131,7 @@ def build(studio: Studio) -> None:
         adapters = {name: float(w) for name, w in zip(form[shown], values, strict=False)}  # SLOTS sliders
         req = ImageRequest(prompt=form[prompt] or "", negative_prompt=form[negative] or "", model=form[model],
                            steps=int(form[steps]), guidance=float(form[guidance]), width=int(form[width]),
-                           height=int(form[height]), seed=None if form[seed] is None else int(form[seed]),
+                           height=int(form[height]), seed=parse_seed(form[seed]),
                            n=int(form[n]), adapters=adapters)
         session = request.session_hash or ""
         cancel = flags.start(session)
@@ -167,7 +167,7 @@ def build(studio: Studio) -> None:
                 gr.update(value=settings["negative_prompt"], visible=bool(opts.get("negative_prompt", True))),
                 gr.update(maximum=opts.get("max_steps", 100), value=settings["steps"]), settings["guidance"],
                 gr.update(maximum=opts.get("max_size", 1024), value=settings["width"]),
-                gr.update(maximum=opts.get("max_size", 1024), value=settings["height"]), settings["seed"],
+                gr.update(maximum=opts.get("max_size", 1024), value=settings["height"]), str(settings["seed"]),
                 gr.update(maximum=opts.get("max_images", 4), value=1), gr.update(value=chosen), chosen,
                 *_sliders(chosen, settings["adapters"])]
 
@@ -187,6 +187,8 @@ def build(studio: Studio) -> None:
     reuse.click(on_reuse, details, [model, prompt, negative, steps, guidance, width, height, seed, n, picked, shown,
                                     *weights], api_visibility="private")
 
+    @gpu(lambda prompt, negative_prompt="", model=first, steps=None, guidance=None, width=None, height=None, *_:
+         image_seconds(steps or 50, width or 512, height or 512))
     def generate_image(prompt: str, negative_prompt: str = "", model: str = first, steps: int | None = None,
                        guidance: float | None = None, width: int | None = None, height: int | None = None,
                        seed: int | None = None, adapters: dict[str, float] | None = None) -> FileData:

@@ -7,47 +7,23 @@ being spoken and the clip made so far is shown (Gradio's `cancels=` would drop t
 from __future__ import annotations
 
 import tempfile
-import threading
 
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.speech import (MAX_SEED, MAX_TEXT_CHARS, SpeechInputError, SpeechRequest, SpeechResult,
+from studio.backends.speech import (MAX_TEXT_CHARS, SpeechInputError, SpeechRequest, SpeechResult,
                                     default_model, synthesize, wav_bytes)
 from studio.cache import CacheError
 from studio.registry import UnknownModelError
 from studio.runtime import Studio
+from studio.spaces import gpu, speech_seconds
+from studio.ui.controls import StopFlags, parse_seed, seed_box
 
 BARK_CUES = ("**Bark cues:** write `[laughs]`, `[laughter]`, `[sighs]`, `[gasps]`, `[clears throat]` or `[music]` in "
              "the text; `...` or `—` for hesitation, `♪` around sung lyrics, CAPITALS for emphasis. Bark speaks about "
              "13 s per call, so long text is spoken sentence by sentence.")
-SEED_INFO = "-1: random. The same seed repeats a Bark or VITS clip; Piper's noise is fixed inside its ONNX graph."
+SEED_INFO = "Empty: random. The same seed repeats a Bark or VITS clip; Piper's noise is fixed inside its ONNX graph."
 INPUT_ERRORS = (SpeechInputError, UnknownModelError, CacheError)
-
-
-class StopFlags:
-    """One cancel event per browser session; Stop sets the event of the request that session is running."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def start(self, session: str) -> threading.Event:
-        with self._lock:
-            event = self._events[session] = threading.Event()
-            return event
-
-    def stop(self, session: str) -> bool:
-        with self._lock:
-            event = self._events.get(session)
-        if event is not None:
-            event.set()
-        return event is not None
-
-    def finish(self, session: str, event: threading.Event) -> None:
-        with self._lock:
-            if self._events.get(session) is event:
-                del self._events[session]
 
 
 def _voice_choices(studio: Studio, model_id: str | None) -> dict:
@@ -91,8 +67,7 @@ def build(studio: Studio) -> None:
             with gr.Row():
                 model = gr.Dropdown(models, value=first, label="Model", elem_id="speech-model")
                 voice = gr.Dropdown(label="Voice", elem_id="speech-voice", **_voice_choices(studio, first))
-                seed = gr.Number(-1, label="Seed", precision=0, minimum=-1, maximum=MAX_SEED, info=SEED_INFO,
-                                 elem_id="speech-seed")
+                seed = seed_box(SEED_INFO, elem_id="speech-seed")
             note = gr.Markdown(_note(studio, first))
             with gr.Row():
                 speak = gr.Button("Speak", variant="primary", elem_id="speech-speak")
@@ -105,10 +80,10 @@ def build(studio: Studio) -> None:
     def on_model(model_id: str | None):
         return gr.update(**_voice_choices(studio, model_id)), _note(studio, model_id)
 
-    def run(text_value: str, model_id: str | None, voice_name: str | None, seed_value: float | None,
+    def run(text_value: str, model_id: str | None, voice_name: str | None, seed_text: str | None,
             request: gr.Request, progress=gr.Progress()):
         req = SpeechRequest(text=text_value or "", model=model_id or "", voice=voice_name or None,
-                            seed=None if seed_value is None or seed_value < 0 else int(seed_value))
+                            seed=parse_seed(seed_text))
         session = request.session_hash or ""
         cancel = flags.start(session)
         try:
@@ -127,6 +102,7 @@ def build(studio: Studio) -> None:
         if not flags.stop(request.session_hash or ""):
             gr.Info("Nothing is being spoken.")
 
+    @gpu(lambda text, *_, **__: speech_seconds(text or ""))
     def generate_speech(text: str, model: str = first or "", voice: str | None = None,
                         seed: int | None = None) -> FileData:
         """Speak text with one of the studio's speech models and return a 16-bit mono WAV file.

@@ -19,7 +19,7 @@ CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser downl
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-quic", "--no-first-run", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-VIEWPORT = {"width": 1280, "height": 900}
+VIEWPORT = {"width": 1280, "height": 1200}  # every tab fits: no full-page screenshot, which blanks WebGL
 TIMEOUT_MS = 60_000  # for actions and expectations: a 2-core machine shared with other work is slow at times
 LORA_MODEL = "tiny-sd-turbo"  # the Image tab's default model, so the test need not switch models
 LORA_NAME = "e2e-style"
@@ -121,5 +121,5 @@ def page(browser, requested_urls, request):
     page = context.new_page()
     yield page
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
     context.close()
