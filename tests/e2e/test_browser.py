@@ -93,7 +93,7 @@ def make_image(page: Page, url: str, adapter: str, weight: float) -> Locator:
     """Generate an image on the Image tab with one adapter at `weight`; returns the gallery's new image."""
     panel = open_studio(page, url, "Image")
     panel.get_by_role("textbox", name=PROMPT).fill("a watercolor fox in the snow")
-    fill(panel.get_by_label("Seed", exact=True), 7)
+    fill(panel.get_by_role("textbox", name="Seed"), 7)  # label and info text name it
     choose(page, panel, "Adapters", adapter)
     set_slider(panel, adapter, weight)  # the adapter's weight slider is labelled with its name
     panel.get_by_role("button", name="Generate", exact=True).click()
