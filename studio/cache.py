@@ -185,7 +185,7 @@ class ModelCache:
                 victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
             for victim in victims:
                 victim.state = State.EVICTING
-            self._peak = max(self._peak, self._used())
+            self._peak = max(self._peak, self._held())
             self._cond.notify_all()  # a shrink may let a waiting load in
         self._evict(victims)
 
