@@ -175,7 +175,9 @@ def test_stop_ends_a_generation_early(server, page):
     choose(page, panel, "Model", "tiny-sd")  # its largest image with guidance: the slowest steps to stop
     steps = panel.get_by_label("number input for Steps", exact=True)
     expect(steps).to_have_attribute("max", "50")  # the model's caps and defaults have arrived
+    expect(panel.get_by_label("number input for Guidance scale", exact=True)).to_have_value("7.5")
     fill(steps, 50)
+    expect(steps).to_have_value("50")
     set_slider(panel, "Width", 128)
     set_slider(panel, "Height", 128)
     panel.get_by_role("textbox", name=PROMPT).fill("a slow, detailed landscape")
