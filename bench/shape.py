@@ -12,9 +12,11 @@ Step time: for the studio, from the call to its last step report, over the steps
 over the steps. Both include the one text encoding. Interleaved repeats. `step_time_ratio` (raw / studio) compares
 each variant's best run: on this shared 2-core machine other processes' load changes a run by up to 2x and only
 ever adds time, so the fastest of identical runs is the least disturbed one (timeit's rule). The medians and the
-ratio of each back-to-back pair are written too. Then the mesh: the studio's own
-marching-cubes extraction at `--grid` (Shap-E uses 128), and the export of that mesh to GLB, PLY and OBJ and its
-simplification for the preview, each timed. Writes bench/results/shape.json.
+ratio of each back-to-back pair are written too, and, from forward hooks on the prior and the text encoder, the
+time each variant spends outside the models (`studio_other_ms`, `raw_other_ms`), which that load barely moves, with
+the ratio it gives at equal model time. Then the mesh: the studio's own marching-cubes extraction at `--grid`
+(Shap-E uses 128), and the export of that mesh to GLB, PLY and OBJ and its simplification for the preview, each
+timed. Writes bench/results/shape.json.
 
     nice python bench/shape.py [--repeats 5] [--steps 1] [--grid 64]
 """
@@ -96,6 +98,27 @@ def make_studio(model: ShapEModel, log_dir: Path, steps: int, grid: int) -> Stud
     return Studio(Settings(log_dir=log_dir), registry, cache, RequestLog(log_dir))
 
 
+class ModelClock:
+    """Seconds spent inside the given modules (forward hooks). A run's time minus its model time is the code around
+    the models, the studio's own or the raw pipeline's: that part the machine's other load barely moves."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.seconds, self._entered = 0.0, 0.0
+        for module in modules:
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(self._leave)
+
+    def _enter(self, *_args) -> None:
+        self._entered = time.perf_counter()
+
+    def _leave(self, *_args) -> None:
+        self.seconds += time.perf_counter() - self._entered
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def timed(fn, *args, **kwargs) -> tuple[object, float]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -116,6 +139,7 @@ def main() -> None:
     model = ShapEModel(pipe)
     studio = make_studio(model, Path(tempfile.mkdtemp(prefix="bench-shape-")), args.steps, args.grid)
     req = ShapeRequest(prompt=PROMPT, steps=args.steps, guidance=GUIDANCE, seed=0, turntable=False)
+    clock = ModelClock(pipe.text_encoder, pipe.prior)  # the renderer's decoding comes after the timed window
 
     def studio_run() -> dict:
         marks: dict[str, float] = {}  # when each phase ("denoising", "extracting", "done") last reported
@@ -123,16 +147,20 @@ def main() -> None:
         def mark(_fraction: float, desc: str) -> None:
             marks[desc.split(" ")[0].rstrip(":")] = time.perf_counter()
 
+        clock.take()
         t0 = time.perf_counter()
         result = generate_shape(studio, req, client="api", endpoint="bench", progress=mark)
-        return {"step_s": (marks["denoising"] - t0) / args.steps, "decode_s": marks["done"] - marks["extracting"],
-                "result": result}
+        window, model_s = marks["denoising"] - t0, clock.take()
+        return {"step_s": window / args.steps, "model_s": model_s, "other_s": window - model_s,
+                "decode_s": marks["done"] - marks["extracting"], "result": result}
 
     def raw_run() -> dict:
+        clock.take()
         latents, seconds = timed(lambda: pipe(PROMPT, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
                                               generator=torch.Generator("cpu").manual_seed(0),
                                               output_type="latent").images)
-        return {"step_s": seconds / args.steps, "latents": latents}
+        model_s = clock.take()
+        return {"step_s": seconds / args.steps, "model_s": model_s, "other_s": seconds - model_s, "latents": latents}
 
     with studio.cache.use(MODEL_ID) as lease:  # the studio's model is the one the baseline calls
         assert lease.model.pipe is pipe
@@ -146,11 +174,15 @@ def main() -> None:
         order = [(studio_runs, studio_run), (raw_runs, raw_run)]
         for runs, fn in order if i % 2 == 0 else reversed(order):
             runs.append(fn())
-        print(f"repeat {i + 1}/{args.repeats}: studio {studio_runs[-1]['step_s']:.2f} s/step, "
-              f"raw {raw_runs[-1]['step_s']:.2f} s/step", flush=True)
+        print(f"repeat {i + 1}/{args.repeats}: studio {studio_runs[-1]['step_s']:.2f} s/step "
+              f"({studio_runs[-1]['other_s'] * 1000:.1f} ms outside the models), raw {raw_runs[-1]['step_s']:.2f} "
+              f"s/step ({raw_runs[-1]['other_s'] * 1000:.1f} ms outside the models)", flush=True)
 
     studio_steps = [r["step_s"] for r in studio_runs]
     raw_steps = [r["step_s"] for r in raw_runs]
+    studio_other = statistics.median(r["other_s"] for r in studio_runs)
+    raw_other = statistics.median(r["other_s"] for r in raw_runs)
+    model_s = min(r["model_s"] for r in studio_runs + raw_runs)  # the models' time on a quiet machine
     exports = {fmt: timed(export_mesh, mesh, fmt) for fmt in ("glb", "ply", "obj")}
     (preview, simplified), simplify_s = timed(preview_mesh, mesh)
     results = {
@@ -163,6 +195,10 @@ def main() -> None:
         "raw_step_s_median": round(statistics.median(raw_steps), 3),
         "step_time_ratio_median": round(statistics.median(raw_steps) / statistics.median(studio_steps), 4),
         "step_time_ratio_pairs": [round(r / s, 4) for s, r in zip(studio_steps, raw_steps)],
+        "studio_other_ms": round(studio_other * 1000, 2), "raw_other_ms": round(raw_other * 1000, 2),
+        "studio_overhead_ms": round((studio_other - raw_other) * 1000, 2),
+        # the same model time with each variant's code around it: the ratio other load cannot blur
+        "step_time_ratio_at_equal_model_time": round((model_s + raw_other) / (model_s + studio_other), 5),
         "mesh_grid": args.grid, "mesh_faces": len(mesh.faces), "mesh_vertices": len(mesh.vertices),
         "mesh_extract_s": round(statistics.median(r["decode_s"] for r in studio_runs), 3),
         "mesh_export_s": {fmt: round(seconds, 3) for fmt, (_data, seconds) in exports.items()},
@@ -174,7 +210,8 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("studio_step_s", "raw_step_s", "step_time_ratio",
-                                              "step_time_ratio_median", "step_time_ratio_pairs", "mesh_faces",
+                                              "step_time_ratio_median", "step_time_ratio_pairs", "studio_other_ms",
+                                              "raw_other_ms", "step_time_ratio_at_equal_model_time", "mesh_faces",
                                               "mesh_extract_s", "mesh_export_s", "preview_faces",
                                               "preview_simplify_s")}, indent=2))
     print(f"wrote {RESULTS}")
