@@ -34,7 +34,7 @@ from studio.registry import ModelSpec, Registry  # noqa: E402
 MB = 2**20
 # (id, hidden size, layers): about 70, 140, 260 and 460 MiB of float32 weights
 MODELS = [("chat-xs", 512, 4), ("chat-s", 768, 4), ("chat-m", 1024, 5), ("chat-l", 1280, 6)]
-REQUESTS = 80
+REQUESTS = 300
 ZIPF_S = 1.1
 
 

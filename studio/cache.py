@@ -66,6 +66,8 @@ class Entry:
     last_used: float = 0.0
     load_seconds: float = 0.0
     error: BaseException | None = None
+    moved_to: str | None = None  # the device a call moved the model to (ZeroGPU); None: the cache's device
+    moving: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,18 @@ class ModelCache:
     # ------------------------------------------------------------------ public API
 
     @contextmanager
-    def use(self, model_id: str) -> Iterator[Lease]:
-        """Pin the model for the duration of the block, loading it first if needed."""
+    def use(self, model_id: str, run_on: str | None = None) -> Iterator[Lease]:
+        """Pin the model for the duration of the block, loading it first if needed.
+
+        `run_on` is a device the model computes on during the block when it differs from the cache's own
+        (ZeroGPU: models are kept on the CPU and the GPU exists only during a call); the model moves back to
+        the cache's device when its last user is done.
+        """
         spec = self.registry.get(model_id)
         entry, hit, waited, load_seconds = self._acquire(spec)
         try:
+            if run_on and run_on != self.device:
+                self._move(entry, run_on)
             yield Lease(entry.model, spec, hit, waited, load_seconds)
         finally:
             self._release(entry)
@@ -325,10 +334,26 @@ class ModelCache:
         self._evict(victims)
         self._emit("load", model=spec.id, seconds=seconds, bytes=entry.bytes)
 
+    def _move(self, entry: Entry, device: str) -> None:
+        """Move a model between the cache's device and a call's; back home only once nobody uses it."""
+        with entry.moving:
+            with self._cond:
+                model, busy = entry.model, entry.pins > 0
+            current, home = entry.moved_to or self.device, device == self.device
+            if model is None or current == device or (home and busy):
+                return
+            devices.move(model, device)
+            entry.moved_to = None if home else device
+            if home:
+                devices.release_memory(current)
+
     def _release(self, entry: Entry) -> None:
         with self._cond:
             entry.pins -= 1
             entry.last_used = time.monotonic()
+        if entry.moved_to:
+            self._move(entry, self.device)
+        with self._cond:
             evict = self.strategy == "swap" and entry.pins == 0 and entry.state is State.RESIDENT
             if evict:
                 entry.state = State.EVICTING

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import gc
+import inspect
+from typing import Any, Callable, TypeVar
 
 import psutil
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 CUDA_RESERVE = 1_536 * 2**20  # working memory for activations, kept out of the budget (ComfyUI reserves ~1.2 GB)
 CPU_FRACTION = 0.5  # share of the machine's RAM given to resident models by default
@@ -81,6 +87,58 @@ def release_memory(device: str) -> None:
         torch.cuda.empty_cache()
     elif device == "mps":
         torch.mps.empty_cache()
+
+
+def move(obj: object, device: str) -> None:
+    """Move every torch module of a loaded model (see `module_bytes` for what is looked into) to `device`."""
+    for module in _modules(obj, set()):
+        module.to(device)
+
+
+# The device a call was given for its duration. On ZeroGPU a GPU exists only inside a `spaces.GPU` call, so
+# the cache keeps models on the CPU and moves the ones a call uses to this device (studio.spaces, studio.cache).
+_call_device: contextvars.ContextVar[str | None] = contextvars.ContextVar("call_device", default=None)
+
+
+def call_device() -> str | None:
+    """The device the current call runs its models on; None means the cache's own device."""
+    return _call_device.get()
+
+
+def run_on(device: str, fn: F) -> F:
+    """Wrap a function (plain or generator) so the models it uses run on `device` during the call.
+
+    Each call gets its own context, and a generator runs every step in it: Gradio may call `next` from a
+    different thread each time, and a context variable set in one step would be gone in the next.
+    """
+
+    def context() -> contextvars.Context:
+        ctx = contextvars.copy_context()
+        ctx.run(_call_device.set, device)
+        return ctx
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any):
+            ctx = context()
+            steps = ctx.run(fn, *args, **kwargs)
+            try:
+                while True:
+                    try:
+                        item = ctx.run(next, steps)
+                    except StopIteration:
+                        return
+                    yield item
+            finally:
+                ctx.run(steps.close)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any):
+        return context().run(fn, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def rss_bytes() -> int:

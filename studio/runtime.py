@@ -44,7 +44,8 @@ class Studio:
     @contextmanager
     def generation(self, *, modality: Modality, model: str, client: str, endpoint: str,
                    session: str | None = None, **fields: Any) -> Iterator[tuple[Lease, Recorder]]:
-        """Log, queue (per-model concurrency limit) and pin the model for one generation."""
+        """Log, queue (per-model concurrency limit) and pin the model for one generation (on the call's device,
+        where a ZeroGPU call was given one)."""
         spec = self.registry.get(model)
         if spec.modality != modality:
             raise ValueError(f"model: {model!r} is a {spec.modality} model, not a {modality} model")
@@ -53,7 +54,7 @@ class Studio:
             queued = time.monotonic()
             with self._slot(model):
                 rec.set(queue_ms=round((time.monotonic() - queued) * 1000, 1))
-                with self.cache.use(model) as lease:
+                with self.cache.use(model, run_on=devices.call_device()) as lease:
                     rec.set(cache="hit" if lease.hit else "load", load_ms=round(lease.load_seconds * 1000, 1),
                             external=spec.external)
                     yield lease, rec

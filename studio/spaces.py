@@ -11,11 +11,16 @@ mounted the studio reads /data instead, so those models are downloaded once more
 ZeroGPU: a GPU exists only inside a call to a function decorated with `spaces.GPU`, and that call runs in a
 forked worker process that receives its arguments pickled. So:
 - an in-VRAM cache is useless there: on ZeroGPU the studio's device defaults to the CPU (STUDIO_DEVICE=cpu) and
-  the cache keeps models in RAM. The GPU call is where a model would move to CUDA for the call and back after;
-  the backends do not do that move yet, so a decorated call holds the GPU but computes on the CPU.
-- decorate functions whose arguments are plain values (Gradio event handlers, `gr.api` endpoints), never
-  functions taking the Studio: its locks cannot be pickled. Models loaded inside the worker stay in the worker's
-  copy of the cache (reused while that worker lives); the request log is a file, so its rows are kept.
+  the cache keeps models in RAM. `gpu()` marks the call as running on CUDA (studio.devices.run_on); the cache
+  moves each model the call uses to the GPU when it is pinned and back to the CPU when its last user is done.
+  Models load at the CPU's dtype (float32), as on any CPU device.
+- the UI's generation handlers and the `gr.api` endpoints (chat, image, speech, 3D: the client and MCP tools)
+  are decorated; the HTTP routes (/generate/*, /v1/*) are not, and compute on the CPU there.
+- decorate functions whose arguments pickle (plain values, dataclasses, gr.Request, gr.Progress), never
+  functions taking the Studio or Gradio components: the studio reaches the worker through the fork. Models
+  loaded inside the worker stay in the worker's copy of the cache (reused while that worker lives); the
+  request log is a file, so its rows are kept. Stop presses reach the main process, not the worker: on ZeroGPU
+  a generation runs to the end of its reserved time.
 - decorate at import time: ZeroGPU checks at launch that at least one function is decorated.
 """
 
@@ -71,7 +76,9 @@ def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
         return lambda fn: fn
     import spaces
 
-    return spaces.GPU(duration=duration)
+    from studio import devices  # not at the top: configure() runs before torch may be imported
+
+    return lambda fn: spaces.GPU(duration=duration)(devices.run_on("cuda", fn))
 
 
 def _seconds(work: float) -> int:

@@ -162,9 +162,11 @@ def test_without_zero_gpu_nothing_changes(tmp_path, monkeypatch):
 def fake_spaces(tmp_path, monkeypatch):
     """A stand-in `spaces` package whose GPU decorator records the reserved duration of each call."""
     (tmp_path / "spaces.py").write_text(
+        "import functools\n"
         "calls = []\n"
         "def GPU(duration=None):\n"
         "    def decorate(fn):\n"
+        "        @functools.wraps(fn)\n"
         "        def run(*args, **kwargs):\n"
         "            calls.append(duration(*args, **kwargs))\n"
         "            return fn(*args, **kwargs)\n"
@@ -207,3 +209,87 @@ def test_gpu_durations_grow_with_the_request_and_are_capped():
     assert spaces.shape_seconds(16) < spaces.shape_seconds(64)
     assert spaces.chat_seconds(10**6) == spaces.image_seconds(1000, 1024, 1024, n=8) == spaces.MAX_GPU_SECONDS
     assert min(spaces.chat_seconds(1), spaces.speech_seconds(""), spaces.shape_seconds(1)) >= spaces.BASE_SECONDS
+
+
+def test_on_zero_gpu_each_generation_moves_its_model_to_the_gpu_for_the_call(fake_spaces, make_studio, monkeypatch):
+    """The UI's generation handlers and the client/MCP endpoints run under `spaces.GPU`; inside the call the
+    cache moves the model to CUDA and back to the CPU afterwards. This machine has no GPU, so the moves are
+    recorded instead of made; the models still compute (on the CPU)."""
+    import gradio as gr
+
+    from studio import devices
+    from studio.ui import build_ui
+
+    moves = []
+    monkeypatch.setattr(devices, "move", lambda model, device: moves.append((type(model).__name__, device)))
+    studio = make_studio()
+    demo = build_ui(studio)
+    fns = {(f.fn.__module__.rsplit(".", 1)[-1], f.fn.__name__): f for f in demo.fns.values() if f.fn}
+    request, progress = gr.Request(session_hash="zero"), gr.Progress()
+    import spaces as fake
+
+    def gpu_call(key, *args):
+        before = len(fake.calls)
+        result = fns[key].fn(*args)
+        result = list(result) if key == ("chat_tab", "run") else result
+        assert len(fake.calls) == before + 1 and fake.calls[-1] >= spaces.BASE_SECONDS, key
+        assert moves[-2:] == [(moves[-2][0], "cuda"), (moves[-2][0], "cpu")], key  # there and back, once
+        assert all(entry.moved_to is None for entry in studio.cache._entries.values())
+        return result
+
+    chat_model, image_model, speech_model, shape_model = (studio.models(m)[0] for m in ("chat", "image", "speech", "3d"))
+    assert gpu_call(("chat_tab", "chat"), "Hello", chat_model, "", None, 4, 0.0, None, None, None, 5)
+    assert gpu_call(("chat_tab", "run"), [{"role": "user", "content": "Hi"}], chat_model, "", 4, 0.0, 1.0, 0, 1.0,
+                    "5", request, progress)[-1][0][-1]["role"] == "assistant"
+    assert gpu_call(("image_tab", "generate_image"), "a fox", "", image_model, 2, None, 64, 64, 1).path
+    form = {c: c.value for c in fns[("image_tab", "run")].inputs}
+    form[next(c for c in form if getattr(c, "label", None) == "Prompt")] = "a fox"
+    gpu_call(("image_tab", "run"), form, request, progress)  # its GPU part, `paint`, is the decorated function
+    vits = "tiny-vits"
+    assert gpu_call(("speech_tab", "generate_speech"), "Hello there.", vits).path
+    assert gpu_call(("speech_tab", "run"), "Hello there.", vits, None, "1", request, progress)[0]
+    assert gpu_call(("shape_tab", "generate_3d"), "a chair", None, 2, 1, shape_model).path
+    assert gpu_call(("shape_tab", "run"), shape_model, "a chair", 3.0, 2, 32, "1", False, request, progress)
+    assert {name for name, _ in moves} >= {"ChatModel", "ImageModel", "VitsSpeech", "ShapEModel"}
+
+    moves.clear()
+    with studio.generation(modality="chat", model=chat_model, client="api", endpoint="test"):
+        pass  # outside a GPU call (the HTTP routes): the model stays where the cache keeps it
+    assert moves == []
+
+
+def test_a_model_shared_by_two_calls_goes_back_after_the_last(monkeypatch):
+    from studio import devices
+    from studio.cache import ModelCache
+    from studio.registry import ModelSpec, Registry
+
+    moves = []
+    monkeypatch.setattr(devices, "move", lambda model, device: moves.append(device))
+    reg = Registry("t", [ModelSpec(id="m", modality="chat", label="m", loader="x:y", params=10)])
+    cache = ModelCache(reg, budget=100, loader=lambda spec, device: object(), estimate=lambda spec, device: 10,
+                       measure=lambda model: 10)
+    with cache.use("m", run_on="cuda"):
+        with cache.use("m", run_on="cuda"):
+            assert moves == ["cuda"]
+        assert moves == ["cuda"]  # the first call still computes there
+    assert moves == ["cuda", "cpu"]
+    with cache.use("m"), cache.use("m", run_on="cpu"):
+        pass
+    assert moves == ["cuda", "cpu"]  # no call device, or the cache's own: nothing moves
+
+
+def test_a_gpu_call_keeps_its_device_in_every_step_of_a_stream():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio import devices
+
+    def steps():
+        for _ in range(3):
+            yield devices.call_device()
+
+    stream = devices.run_on("cuda", steps)()
+    with ThreadPoolExecutor(2) as pool:  # Gradio steps a streaming handler from worker threads
+        seen = [pool.submit(next, stream).result() for _ in range(3)]
+    assert seen == ["cuda"] * 3
+    assert devices.run_on("cuda", devices.call_device)() == "cuda"
+    assert devices.call_device() is None  # the caller's context is untouched

@@ -16,6 +16,7 @@ from studio.backends.chat import ChatRequest, complete_chat, option, stream_chat
 from studio.cache import CacheError
 from studio.registry import UnknownModelError
 from studio.runtime import Studio
+from studio.spaces import chat_seconds, gpu
 
 NOTICE = ("⚠️ **Answers may be wrong or made up.** Language models can hallucinate facts, names, numbers and "
           "sources; check anything that matters.")
@@ -197,6 +198,7 @@ def build(studio: Studio) -> None:
         sessions.arm(request.session_hash)
         return retry(history)
 
+    @gpu(lambda history, model_id, system_prompt, new_tokens, *_, **__: chat_seconds(int(new_tokens)))
     def run(history: History, model_id: str, system_prompt: str, new_tokens: float, temp: float, p: float, k: float,
             penalty: float, seed_value: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
         cancel = sessions.event(request.session_hash)
@@ -221,6 +223,14 @@ def build(studio: Studio) -> None:
     model.change(model_defaults, model, [max_new_tokens, temperature, top_p, top_k, repetition_penalty],
                  queue=False, api_visibility="private")
 
+    def reply_seconds(message: str, model: str = models[0], system: str = "", history: list | None = None,
+                      max_new_tokens: int | None = None, *_, **__) -> int:
+        """GPU time for `chat`: the reply length asked for, else the model's default."""
+        if not max_new_tokens and model in studio.registry:
+            max_new_tokens = option(studio.registry.get(model), "default_max_new_tokens")
+        return chat_seconds(max_new_tokens or 1)  # an unknown model fails at once
+
+    @gpu(reply_seconds)
     def chat(message: str, model: str = models[0], system: str = DEFAULT_SYSTEM, history: list[dict] | None = None,
              max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None) -> str:

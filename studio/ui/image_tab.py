@@ -12,7 +12,7 @@ import tempfile
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, ImageRequest, default_model, generate_images,
+from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, ImageRequest, ImageResult, default_model, generate_images,
                                    list_loras, png_bytes)
 from studio.backends.lora import MAX_WEIGHT
 from studio.cache import CacheError
@@ -126,6 +126,19 @@ def build(studio: Studio) -> None:
         keep = [name for name in current if name in usable]
         return gr.update(choices=usable, value=keep), text
 
+    @gpu(lambda req, *_: image_seconds(req.steps, req.width, req.height, req.n))
+    def paint(req: ImageRequest, request: gr.Request, progress: gr.Progress) -> ImageResult:
+        """The GPU part of `run`, apart because its arguments must pickle (ZeroGPU calls it in a worker)."""
+        session = request.session_hash or ""
+        cancel = flags.start(session)
+        try:
+            return generate_images(studio, req, client="ui", endpoint="image_tab", session=session, cancel=cancel,
+                                   progress=lambda fraction, desc: progress(fraction, desc=desc))
+        except INPUT_ERRORS as exc:
+            raise gr.Error(str(exc)) from None
+        finally:
+            flags.finish(session, cancel)
+
     def run(form: dict, request: gr.Request, progress=gr.Progress()):
         values = [form[slider] for slider in weights]
         adapters = {name: float(w) for name, w in zip(form[shown], values, strict=False)}  # SLOTS sliders
@@ -133,15 +146,7 @@ def build(studio: Studio) -> None:
                            steps=int(form[steps]), guidance=float(form[guidance]), width=int(form[width]),
                            height=int(form[height]), seed=parse_seed(form[seed]),
                            n=int(form[n]), adapters=adapters)
-        session = request.session_hash or ""
-        cancel = flags.start(session)
-        try:
-            result = generate_images(studio, req, client="ui", endpoint="image_tab", session=session, cancel=cancel,
-                                     progress=lambda fraction, desc: progress(fraction, desc=desc))
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
-        finally:
-            flags.finish(session, cancel)
+        result = paint(req, request, progress)
         new = []
         for index, image in enumerate(result.images):
             settings = result.image_settings(index)

@@ -22,6 +22,7 @@ from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIE
 from studio.cache import CacheError
 from studio.registry import UnknownModelError
 from studio.runtime import Studio
+from studio.spaces import gpu, shape_seconds
 from studio.ui.speech_tab import StopFlags
 
 INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
@@ -122,6 +123,7 @@ def build(studio: Studio) -> None:
     def on_model(model_id: str):
         return _model_controls(studio, model_id)
 
+    @gpu(lambda model_id, prompt_text, guidance_value, steps_value, *_, **__: shape_seconds(int(steps_value)))
     def run(model_id: str, prompt_text: str, guidance_value: float, steps_value: float, frame_value: float,
             seed_text: str, turntable_on: bool, request: gr.Request, progress=gr.Progress()):
         session = request.session_hash or ""
@@ -147,6 +149,7 @@ def build(studio: Studio) -> None:
           [viewer, spin, files, status], api_visibility="private", concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
 
+    @gpu(lambda prompt, guidance=None, steps=None, *_, **__: shape_seconds(steps or 64))
     def generate_3d(prompt: str, guidance: float | None = None, steps: int | None = None, seed: int | None = None,
                     model: str = first) -> FileData:
         """Make a 3D shape from text with Shap-E and return it as a GLB mesh with vertex colours.

@@ -80,6 +80,7 @@ def build(studio: Studio) -> None:
     def on_model(model_id: str | None):
         return gr.update(**_voice_choices(studio, model_id)), _note(studio, model_id)
 
+    @gpu(lambda text_value, *_, **__: speech_seconds(text_value or ""))
     def run(text_value: str, model_id: str | None, voice_name: str | None, seed_text: str | None,
             request: gr.Request, progress=gr.Progress()):
         req = SpeechRequest(text=text_value or "", model=model_id or "", voice=voice_name or None,
