@@ -287,7 +287,7 @@ def test_chat_tab_streams_and_reports_tokens_seed_and_dropped_turns(studio):
     assert chat_tab.undo(history) == ([], "Hello there")
     with pytest.raises(gr.Error, match="Type a message"):
         chat_tab.add_message("  ", history)
-    with pytest.raises(gr.Error, match="seed: a whole number"):
+    with pytest.raises(gr.Error, match="seed: 'abc' is not a whole number"):
         next(chat_tab.respond(studio, history, MODEL, "", 8, 0, 1, 0, 1, "abc", session="s1",
                               cancel=sessions.event("s1")))
 

@@ -8,6 +8,7 @@ import io
 import threading
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,8 @@ from studio.backends.shape import (MEDIA_TYPES, ShapeInputError, ShapeRequest, e
 from studio.config import parse_settings
 from studio.runtime import create_studio
 from studio.tiny.shape import marching_cubes_table
-from studio.ui.shape_tab import make_shape, parse_seed
+from studio.ui.controls import parse_seed
+from studio.ui.shape_tab import make_shape
 
 PROMPT = "a red wooden chair"
 
@@ -140,7 +142,7 @@ def test_ui_path_writes_files_and_says_when_it_simplified(studio):
 
 def test_seed_box_empty_is_random_and_text_is_refused():
     assert parse_seed("") is None and parse_seed("  ") is None and parse_seed(" 42 ") == 42
-    with pytest.raises(ShapeInputError, match="seed: 'abc' is not a whole number"):
+    with pytest.raises(gr.Error, match="seed: 'abc' is not a whole number"):
         parse_seed("abc")
 
 

@@ -13,10 +13,9 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from studio.backends.chat import ChatRequest, complete_chat, option, stream_chat, validate_chat
-from studio.cache import CacheError
-from studio.registry import UnknownModelError
 from studio.runtime import Studio
 from studio.spaces import chat_seconds, gpu
+from studio.ui.controls import parse_seed, seed_box, shown_to_user
 
 NOTICE = ("⚠️ **Answers may be wrong or made up.** Language models can hallucinate facts, names, numbers and "
           "sources; check anything that matters.")
@@ -119,16 +118,11 @@ def respond(studio: Studio, history: History, model: str, system: str, max_new_t
 
     `progress` (a gr.Progress) shows the model's loading on its first use."""
     history = plain(history)
-    seed = str(seed).strip() if seed is not None else ""
-    if seed and not seed.isdigit():
-        raise gr.Error("seed: a whole number from 0, or empty for a random seed")
     req = ChatRequest(messages=history, model=model, system=system or None, max_new_tokens=int(max_new_tokens),
                       temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
-                      repetition_penalty=float(repetition_penalty), seed=int(seed) if seed else None)
-    try:
+                      repetition_penalty=float(repetition_penalty), seed=parse_seed(seed))
+    with shown_to_user():
         validate_chat(studio, req)
-    except (ValueError, UnknownModelError) as exc:
-        raise gr.Error(str(exc)) from None
     if cancel.is_set():  # Stop was pressed while the message waited in the queue
         yield history, "Stopped before the reply started."
         return
@@ -137,7 +131,7 @@ def respond(studio: Studio, history: History, model: str, system: str, max_new_t
         if progress is not None:
             progress(0.0, f"Loading {model}…")
     reply = ""
-    try:
+    with shown_to_user():
         for event in stream_chat(studio, req, client="ui", endpoint=UI_ENDPOINT, session=session, cancel=cancel):
             # A new message dict each time: Gradio streams the difference to the previous value.
             if event.done:
@@ -145,8 +139,6 @@ def respond(studio: Studio, history: History, model: str, system: str, max_new_t
             elif event.text:
                 reply += event.text
                 yield history + [{"role": "assistant", "content": reply}], "Generating…"
-    except (ValueError, CacheError) as exc:
-        raise gr.Error(str(exc)) from None
 
 
 def build(studio: Studio) -> None:
@@ -181,7 +173,7 @@ def build(studio: Studio) -> None:
             top_k = gr.Slider(0, 200, option(spec, "top_k"), step=1, label="Top-k (0 = off)")
             repetition_penalty = gr.Slider(1, 2, option(spec, "repetition_penalty"), step=0.01,
                                            label="Repetition penalty (1 = off)")
-            seed = gr.Textbox(label="Seed (empty = random)", placeholder="random", max_lines=1)
+            seed = seed_box()
     params = [model, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
 
     def model_defaults(model_id: str):
@@ -251,9 +243,7 @@ def build(studio: Studio) -> None:
         req = ChatRequest(messages=plain(history) + [{"role": "user", "content": message}], model=model,
                           system=system or None, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
-        try:
+        with shown_to_user():
             return complete_chat(studio, req, client="api", endpoint=API_ENDPOINT).text
-        except (ValueError, UnknownModelError, CacheError) as exc:
-            raise gr.Error(str(exc)) from None
 
     gr.api(chat, api_name="chat", concurrency_id="chat", concurrency_limit=studio.settings.concurrency)

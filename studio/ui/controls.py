@@ -1,10 +1,26 @@
-"""Pieces every generation tab shares: the seed box and the per-session Stop flag."""
+"""Pieces every generation tab shares: the seed box, the per-session Stop flag and how input errors are shown."""
 
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import gradio as gr
+
+from studio.cache import CacheError
+from studio.registry import UnknownModelError
+
+INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)  # the user can act on these: bad input, a model that won't load
+
+
+@contextmanager
+def shown_to_user() -> Iterator[None]:
+    """Turn input errors into a visible Gradio error with their message (Gradio hides other exceptions' text)."""
+    try:
+        yield
+    except INPUT_ERRORS as exc:
+        raise gr.Error(str(exc)) from None
 
 
 def seed_box(info: str = "Empty: random. The seed used is shown with the result.", **kwargs) -> gr.Textbox:
@@ -41,6 +57,15 @@ class StopFlags:
         if event is not None:
             event.set()
         return event is not None
+
+    @contextmanager
+    def running(self, session: str) -> Iterator[threading.Event]:
+        """The cancel event of one generation of this session, forgotten when the generation ends."""
+        event = self.start(session)
+        try:
+            yield event
+        finally:
+            self.finish(session, event)
 
     def finish(self, session: str, event: threading.Event) -> None:
         with self._lock:

@@ -15,17 +15,12 @@ from gradio.data_classes import FileData
 from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, ImageRequest, ImageResult, default_model, generate_images,
                                    list_loras, png_bytes)
 from studio.backends.lora import MAX_WEIGHT
-from studio.cache import CacheError
-from studio.registry import UnknownModelError
 from studio.runtime import Studio
 from studio.spaces import gpu, image_seconds
-from studio.ui.controls import StopFlags, parse_seed, seed_box
+from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
 
 SLOTS = 6  # adapters at once in the UI, each with a weight slider
 HISTORY = 48  # images kept per session in the gallery
-INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
-
-
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
     """Steps, guidance, width, height, number of images and negative prompt set to a model's defaults and caps."""
     opts = studio.registry.get(model_id).options
@@ -130,14 +125,9 @@ def build(studio: Studio) -> None:
     def paint(req: ImageRequest, request: gr.Request, progress: gr.Progress) -> ImageResult:
         """The GPU part of `run`, apart because its arguments must pickle (ZeroGPU calls it in a worker)."""
         session = request.session_hash or ""
-        cancel = flags.start(session)
-        try:
+        with flags.running(session) as cancel, shown_to_user():
             return generate_images(studio, req, client="ui", endpoint="image_tab", session=session, cancel=cancel,
                                    progress=lambda fraction, desc: progress(fraction, desc=desc))
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
-        finally:
-            flags.finish(session, cancel)
 
     def run(form: dict, request: gr.Request, progress=gr.Progress()):
         values = [form[slider] for slider in weights]
@@ -212,10 +202,8 @@ def build(studio: Studio) -> None:
         """
         req = ImageRequest(prompt=prompt, negative_prompt=negative_prompt or "", model=model, steps=steps,
                            guidance=guidance, width=width, height=height, seed=seed, adapters=adapters or {})
-        try:
+        with shown_to_user():
             result = generate_images(studio, req, client="api", endpoint="gradio:generate_image")
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
         return FileData(path=_save_png(result.images[0], result.image_settings(0)), mime_type="image/png")
 
     generate_image.__doc__ = generate_image.__doc__.format(models=", ".join(models))

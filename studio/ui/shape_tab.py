@@ -17,15 +17,11 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIEW_MAX_FACES, SEED_RANGE,
-                                   ShapeInputError, ShapeRequest, default_model, export_mesh, generate_shape,
-                                   preview_mesh, turntable_gif)
-from studio.cache import CacheError
-from studio.registry import UnknownModelError
+                                   ShapeRequest, default_model, export_mesh, generate_shape, preview_mesh,
+                                   turntable_gif)
 from studio.runtime import Studio
 from studio.spaces import gpu, shape_seconds
-from studio.ui.speech_tab import StopFlags
-
-INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
+from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
 
 
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
@@ -36,17 +32,6 @@ def _model_controls(studio: Studio, model_id: str) -> list[dict]:
         gr.update(minimum=1, maximum=opts.get("max_steps", 128), value=opts.get("steps", 64)),
         gr.update(minimum=FRAME_STEP, maximum=opts.get("max_frame_size", 256), value=opts.get("frame_size", 64)),
     ]
-
-
-def parse_seed(text: str | None) -> int | None:
-    """The seed box's text: empty for a random seed, else a whole number (its range is checked with the rest)."""
-    text = (text or "").strip()
-    if not text:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ShapeInputError(f"seed: {text!r} is not a whole number; leave it empty for a random seed") from None
 
 
 def make_shape(studio: Studio, req: ShapeRequest, *, session: str | None = None,
@@ -105,9 +90,7 @@ def build(studio: Studio) -> None:
             with gr.Row():
                 frame_size = gr.Slider(label="Turntable frame size (px)", step=FRAME_STEP, minimum=FRAME_STEP,
                                        maximum=frame_u["maximum"], value=frame_u["value"])
-                # A textbox, not gr.Number: an empty gr.Number shows and sends 0 (Gradio 6.31), never "random".
-                seed = gr.Textbox(label="Seed", placeholder="random", max_lines=1,
-                                  info=f"0 to {SEED_RANGE - 1}. Empty: random; the seed used is shown with the result.")
+                seed = seed_box(f"0 to {SEED_RANGE - 1}. Empty: random; the seed used is shown with the result.")
             turntable = gr.Checkbox(True, label="Render the turntable (20 frames; slow without a GPU)")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
@@ -126,18 +109,13 @@ def build(studio: Studio) -> None:
     @gpu(lambda model_id, prompt_text, guidance_value, steps_value, *_, **__: shape_seconds(int(steps_value)))
     def run(model_id: str, prompt_text: str, guidance_value: float, steps_value: float, frame_value: float,
             seed_text: str, turntable_on: bool, request: gr.Request, progress=gr.Progress()):
+        req = ShapeRequest(prompt=prompt_text or "", model=model_id, guidance=float(guidance_value),
+                           steps=int(steps_value), frame_size=int(frame_value), seed=parse_seed(seed_text),
+                           turntable=turntable_on)
         session = request.session_hash or ""
-        cancel = flags.start(session)
-        try:
-            req = ShapeRequest(prompt=prompt_text or "", model=model_id, guidance=float(guidance_value),
-                               steps=int(steps_value), frame_size=int(frame_value), seed=parse_seed(seed_text),
-                               turntable=turntable_on)
+        with flags.running(session) as cancel, shown_to_user():
             return make_shape(studio, req, session=session, cancel=cancel,
                               progress=lambda fraction, desc: progress(fraction, desc=desc))
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
-        finally:
-            flags.finish(session, cancel)
 
     def stop_generating(request: gr.Request) -> None:
         if not flags.stop(request.session_hash or ""):
@@ -162,10 +140,8 @@ def build(studio: Studio) -> None:
             model: the 3D model id: {models}.
         """
         req = ShapeRequest(prompt=prompt, guidance=guidance, steps=steps, seed=seed, model=model, turntable=False)
-        try:
+        with shown_to_user():
             result = generate_shape(studio, req, client="api", endpoint="gradio:generate_3d")
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
         with tempfile.NamedTemporaryFile(prefix=f"shape-{result.seed}-", suffix=".glb", delete=False) as fh:
             fh.write(export_mesh(result.mesh, "glb"))
         return FileData(path=fh.name, mime_type=MEDIA_TYPES["glb"])

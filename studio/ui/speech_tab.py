@@ -11,19 +11,15 @@ import tempfile
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.speech import (MAX_TEXT_CHARS, SpeechInputError, SpeechRequest, SpeechResult,
-                                    default_model, synthesize, wav_bytes)
-from studio.cache import CacheError
-from studio.registry import UnknownModelError
+from studio.backends.speech import MAX_TEXT_CHARS, SpeechRequest, SpeechResult, default_model, synthesize, wav_bytes
 from studio.runtime import Studio
 from studio.spaces import gpu, speech_seconds
-from studio.ui.controls import StopFlags, parse_seed, seed_box
+from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
 
 BARK_CUES = ("**Bark cues:** write `[laughs]`, `[laughter]`, `[sighs]`, `[gasps]`, `[clears throat]` or `[music]` in "
              "the text; `...` or `—` for hesitation, `♪` around sung lyrics, CAPITALS for emphasis. Bark speaks about "
              "13 s per call, so long text is spoken sentence by sentence.")
 SEED_INFO = "Empty: random. The same seed repeats a Bark or VITS clip; Piper's noise is fixed inside its ONNX graph."
-INPUT_ERRORS = (SpeechInputError, UnknownModelError, CacheError)
 
 
 def _voice_choices(studio: Studio, model_id: str | None) -> dict:
@@ -86,14 +82,9 @@ def build(studio: Studio) -> None:
         req = SpeechRequest(text=text_value or "", model=model_id or "", voice=voice_name or None,
                             seed=parse_seed(seed_text))
         session = request.session_hash or ""
-        cancel = flags.start(session)
-        try:
+        with flags.running(session) as cancel, shown_to_user():
             result = synthesize(studio, req, client="ui", endpoint="speech_tab", session=session, cancel=cancel,
                                 progress=lambda fraction, desc: progress(fraction, desc=desc))
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
-        finally:
-            flags.finish(session, cancel)
         if not result.pieces:
             return None, None, "Stopped before the first piece was spoken."
         path = _wav_file(result)
@@ -115,10 +106,8 @@ def build(studio: Studio) -> None:
             seed: 0 to 4294967295 to repeat a clip (Bark and VITS sample; Piper ignores it); empty for random.
         """
         req = SpeechRequest(text=text, model=model, voice=voice or None, seed=seed)
-        try:
+        with shown_to_user():
             result = synthesize(studio, req, client="api", endpoint="gradio:generate_speech")
-        except INPUT_ERRORS as exc:
-            raise gr.Error(str(exc)) from None
         return FileData(path=_wav_file(result), mime_type="audio/wav")
 
     generate_speech.__doc__ = generate_speech.__doc__.format(models=", ".join(models) or "none")
