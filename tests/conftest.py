@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -23,15 +26,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tiny_studio(log_dir: Path, *argv: str, env: dict | None = None) -> Studio:
+    """A tiny-profile Studio from command-line style arguments, logging into `log_dir`."""
+    args = ["--profile", "tiny", "--log-dir", str(log_dir), "--memory-budget", "2GiB", *argv]
+    return create_studio(parse_settings(args, env=env or {}))
+
+
+def collect_rows(studio: Studio) -> list[dict]:
+    """A list that receives every request-log row the studio writes from now on."""
+    rows: list[dict] = []
+    studio.log.add_listener(rows.append)
+    return rows
+
+
+@contextmanager
+def routes(studio: Studio) -> Iterator[TestClient]:
+    """The studio's HTTP routes, error handlers and middleware on a plain FastAPI app (no Gradio)."""
+    from studio.server import app_kwargs
+
+    with TestClient(FastAPI(**app_kwargs(studio))) as client:  # entering runs the lifespan
+        yield client
+
+
+@contextmanager
+def serving(studio: Studio) -> Iterator[tuple[object, str]]:
+    """The real server (Gradio UI, its client API and the studio's routes on one port): (Blocks, base URL)."""
+    from studio.server import launch
+
+    demo, url = launch(studio, block=False)
+    try:
+        yield demo, url.rstrip("/")
+    finally:
+        demo.close()
+
+
 @pytest.fixture
 def make_studio(tmp_path):
     """Build a tiny-profile Studio from command-line style arguments, e.g. make_studio("--strategy", "swap")."""
-
-    def make(*argv: str, env: dict | None = None) -> Studio:
-        args = ["--profile", "tiny", "--log-dir", str(tmp_path / "logs"), "--memory-budget", "2GiB", *argv]
-        return create_studio(parse_settings(args, env=env or {}))
-
-    return make
+    return lambda *argv, env=None: tiny_studio(tmp_path / "logs", *argv, env=env)
 
 
 @pytest.fixture
@@ -41,22 +73,13 @@ def studio(make_studio) -> Studio:
 
 @pytest.fixture
 def http(studio) -> TestClient:
-    """The studio's HTTP routes, error handlers and middleware on a plain FastAPI app (no Gradio)."""
-    from studio.server import app_kwargs
-
-    with TestClient(FastAPI(**app_kwargs(studio))) as client:
+    with routes(studio) as client:
         yield client
 
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory):
-    """The real server (Gradio UI, its client API and the studio's routes on one port), started once."""
-    from studio.server import launch
-
-    logs = tmp_path_factory.mktemp("live-logs")
-    settings = parse_settings(["--profile", "tiny", "--port", str(free_port()), "--log-dir", str(logs),
-                               "--memory-budget", "4GiB"], env={})
-    studio = create_studio(settings)
-    demo, url = launch(studio, block=False)
-    yield studio, url.rstrip("/")
-    demo.close()
+    """The real server, started once for the session: (studio, base URL)."""
+    studio = tiny_studio(tmp_path_factory.mktemp("live-logs"), "--port", str(free_port()), "--memory-budget", "4GiB")
+    with serving(studio) as (_demo, url):
+        yield studio, url

@@ -11,18 +11,15 @@ import threading
 import numpy as np
 import pytest
 import torch
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save_file
 
+from conftest import collect_rows, routes, tiny_studio
 from studio import devices
 from studio.backends.image import ImageRequest, generate_images, list_loras, validate_image
 from studio.backends.lora import LoraError, find, parse_prompt
 from studio.cache import ModelCache
-from studio.config import parse_settings
 from studio.registry import ModelSpec, Registry, UnknownModelError
-from studio.runtime import create_studio
 from studio.tiny.image import random_lora
 from studio.weights import ensure_local
 
@@ -52,9 +49,7 @@ def lora_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory, lora_dir):
     """One studio for the module (models load once), with adapters of both formats built for it."""
-    logs = tmp_path_factory.mktemp("image-logs")
-    studio = create_studio(parse_settings(["--profile", "tiny", "--log-dir", str(logs), "--memory-budget", "2GiB",
-                                           "--lora-dir", str(lora_dir)], env={}))
+    studio = tiny_studio(tmp_path_factory.mktemp("image-logs"), "--lora-dir", str(lora_dir))
     unet, text_encoder = _modules(studio, "tiny-sd")
     random_lora(lora_dir / "a.safetensors", unet, text_encoder, seed=1)
     random_lora(lora_dir / "kohya" / "a.safetensors", unet, text_encoder, seed=1, kohya=True)  # same weights
@@ -70,16 +65,12 @@ def studio(tmp_path_factory, lora_dir):
 
 @pytest.fixture(scope="module")
 def rows(studio) -> list[dict]:
-    collected: list[dict] = []
-    studio.log.add_listener(collected.append)
-    return collected
+    return collect_rows(studio)
 
 
 @pytest.fixture(scope="module")
 def http(studio):
-    from studio.server import app_kwargs
-
-    with TestClient(FastAPI(**app_kwargs(studio))) as client:
+    with routes(studio) as client:
         yield client
 
 

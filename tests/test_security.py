@@ -14,7 +14,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.testclient import TestClient
 
-from conftest import free_port
+from conftest import free_port, serving, tiny_studio
 from test_spaces import APP, ROOT, AppProcess
 from studio.api import security
 from studio.api.security import guard
@@ -98,17 +98,10 @@ def test_mcp_with_auth_is_refused(make_studio):
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """The real server with launch auth, plus a guarded route of our own on the same app."""
-    from studio.config import parse_settings
-    from studio.runtime import create_studio
-
-    logs = tmp_path_factory.mktemp("auth-logs")
-    settings = parse_settings(["--profile", "tiny", "--port", str(free_port()), "--log-dir", str(logs),
-                               "--auth", "alice:wonder"], env={})
-    studio = create_studio(settings)
-    demo, url = launch(studio, block=False)
-    demo.app.include_router(guarded_router(studio))
-    yield demo, url.rstrip("/")
-    demo.close()
+    studio = tiny_studio(tmp_path_factory.mktemp("auth-logs"), "--port", str(free_port()), "--auth", "alice:wonder")
+    with serving(studio) as (demo, url):
+        demo.app.include_router(guarded_router(studio))
+        yield demo, url
 
 
 def test_live_auth_covers_ui_and_http_routes(auth_server):

@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
+from conftest import collect_rows, routes, tiny_studio
 from studio.backends.shape import (MEDIA_TYPES, ShapeInputError, ShapeRequest, export_mesh, generate_shape,
                                    preview_mesh, turntable_gif, validate_shape)
-from studio.config import parse_settings
-from studio.runtime import create_studio
 from studio.tiny.shape import marching_cubes_table
 from studio.ui.controls import parse_seed
 from studio.ui.shape_tab import make_shape
@@ -38,23 +35,17 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    logs = tmp_path_factory.mktemp("shape-logs")
-    return create_studio(parse_settings(["--profile", "tiny", "--log-dir", str(logs), "--memory-budget", "2GiB"],
-                                        env={}))
+    return tiny_studio(tmp_path_factory.mktemp("shape-logs"))
 
 
 @pytest.fixture(scope="module")
 def rows(studio) -> list[dict]:
-    collected: list[dict] = []
-    studio.log.add_listener(collected.append)
-    return collected
+    return collect_rows(studio)
 
 
 @pytest.fixture(scope="module")
 def http(studio):
-    from studio.server import app_kwargs
-
-    with TestClient(FastAPI(**app_kwargs(studio))) as client:
+    with routes(studio) as client:
         yield client
 
 

@@ -10,14 +10,11 @@ import threading
 import numpy as np
 import pytest
 import soundfile as sf
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
 
+from conftest import collect_rows, routes, tiny_studio
 from studio.backends.speech import (MAX_TEXT_CHARS, PAUSE_SECONDS, SpeechInputError, SpeechRequest, join_clips,
                                     split_sentences, synthesize, validate_speech, wav_bytes)
-from studio.config import parse_settings
 from studio.registry import UnknownModelError
-from studio.runtime import create_studio
 from studio.ui.controls import StopFlags
 
 SAMPLE_RATES = {"tiny-bark": 24_000, "tiny-vits": 16_000, "piper-joe": 22_050}  # Bark/EnCodec, MMS-TTS, Joe medium
@@ -25,25 +22,19 @@ THREE = "The first sentence is here. Then comes the second one! Is this the thir
 
 
 @pytest.fixture(scope="module")
-def log_rows() -> list[dict]:
-    return []
+def studio(tmp_path_factory):
+    """One studio for the module, so each model loads once."""
+    return tiny_studio(tmp_path_factory.mktemp("speech-logs"))
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory, log_rows):
-    """One studio for the module, so each model loads once; its request-log rows are collected in `log_rows`."""
-    logs = tmp_path_factory.mktemp("speech-logs")
-    studio = create_studio(parse_settings(["--profile", "tiny", "--log-dir", str(logs), "--memory-budget", "2GiB"],
-                                          env={}))
-    studio.log.add_listener(log_rows.append)
-    return studio
+def log_rows(studio) -> list[dict]:
+    return collect_rows(studio)
 
 
 @pytest.fixture(scope="module")
 def http(studio):
-    from studio.server import app_kwargs
-
-    with TestClient(FastAPI(**app_kwargs(studio))) as client:
+    with routes(studio) as client:
         yield client
 
 
