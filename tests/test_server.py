@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from gradio_client import Client
 
 
@@ -44,3 +45,17 @@ def test_preload_strategy_without_a_list_loads_every_local_model(make_studio):
     studio = make_studio("--strategy", "preload")
     assert preload_ids(studio) == [spec.id for spec in studio.registry]
     assert preload_ids(make_studio()) == []
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/generate/text", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("/generate/image", {"prompt": 5}, "prompt"),
+    ("/generate/audio", {}, "text"),
+    ("/generate/3d", {"prompt": "a chair", "steps": "many"}, "steps"),
+])
+def test_a_body_the_schema_refuses_is_answered_like_any_bad_input(http, path, body, field):
+    """One error shape for every route: "field: message" in `detail`, the field, and every problem found."""
+    answer = http.post(path, json=body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["field"] == field and answer.json()["detail"].startswith(f"{field}: ")
+    assert answer.json()["errors"][0] == answer.json()["detail"]

@@ -25,6 +25,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from studio.api.errors import validation_problems
 from studio.api.security import guard
 from studio.backends.chat import ChatEvent, ChatRequest, complete_chat, stream_chat, validate_chat
 from studio.backends.image import ImageRequest, default_model, generate_images, png_bytes, validate_image
@@ -56,12 +57,9 @@ def _param(message: str) -> str | None:
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return JSONResponse(error_body(400, "the request body is not valid JSON"), status_code=400)
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    return JSONResponse(error_body(400, f"{param or 'body'}: {first.get('msg')}", param), status_code=400)
+    _status, problems = validation_problems(exc)  # OpenAI answers every invalid request with 400
+    param, message = problems[0]
+    return JSONResponse(error_body(400, message, param), status_code=400)
 
 
 async def _reshaped(request: Request, exc: Exception) -> Response | None:
