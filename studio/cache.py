@@ -342,8 +342,8 @@ class ModelCache:
             current, home = entry.moved_to or self.device, device == self.device
             if model is None or current == device or (home and busy):
                 return
+            entry.moved_to = None if home else device  # set first: a move that fails halfway is undone on release
             devices.move(model, device)
-            entry.moved_to = None if home else device
             if home:
                 devices.release_memory(current)
 

@@ -277,6 +277,17 @@ def test_a_model_shared_by_two_calls_goes_back_after_the_last(monkeypatch):
         pass
     assert moves == ["cuda", "cpu"]  # no call device, or the cache's own: nothing moves
 
+    def out_of_memory(model, device):
+        moves.append(device)
+        if device == "cuda":
+            raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(devices, "move", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"), cache.use("m", run_on="cuda"):
+        pass
+    assert moves[-2:] == ["cuda", "cpu"]  # what a failed move had moved goes back
+    assert cache._entries["m"].moved_to is None
+
 
 def test_a_gpu_call_keeps_its_device_in_every_step_of_a_stream():
     from concurrent.futures import ThreadPoolExecutor
