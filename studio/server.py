@@ -15,7 +15,8 @@ import anyio
 import gradio as gr
 from starlette.middleware import Middleware
 
-from studio.api import ERROR_HANDLERS, build_router
+from studio.api import build_router
+from studio.api.errors import ERROR_HANDLERS
 from studio.config import ConfigError
 from studio.runtime import Studio, describe, preload_ids
 from studio.spaces import on_spaces

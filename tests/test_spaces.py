@@ -237,7 +237,7 @@ def test_on_zero_gpu_each_generation_moves_its_model_to_the_gpu_for_the_call(fak
         assert all(entry.moved_to is None for entry in studio.cache._entries.values())
         return result
 
-    chat_model, image_model, speech_model, shape_model = (studio.models(m)[0] for m in ("chat", "image", "speech", "3d"))
+    chat_model, image_model, shape_model = (studio.models(m)[0] for m in ("chat", "image", "3d"))
     assert gpu_call(("chat_tab", "chat"), "Hello", chat_model, "", None, 4, 0.0, None, None, None, 5)
     assert gpu_call(("chat_tab", "run"), [{"role": "user", "content": "Hi"}], chat_model, "", 4, 0.0, 1.0, 0, 1.0,
                     "5", request, progress)[-1][0][-1]["role"] == "assistant"

@@ -9,10 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from studio.api import audio, health, image, metrics, openai_compat, shape, text
-from studio.api.errors import ERROR_HANDLERS
 from studio.runtime import Studio
-
-__all__ = ["ERROR_HANDLERS", "build_router"]
 
 
 def build_router(studio: Studio) -> APIRouter:

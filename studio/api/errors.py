@@ -1,5 +1,6 @@
-"""How the studio's errors become HTTP answers: a status and a message that names the field, never a 500 for
-bad input. `{"detail": "steps: must be 1 to 4 for sd-turbo", "field": "steps"}` is the one shape."""
+"""How the studio's errors become HTTP answers: a status and a `detail` message that starts with the field, never a
+500 for bad input, e.g. `{"detail": "steps: must be 1 to 4 for sd-turbo"}`. Schema errors also carry `field` and
+`errors` (every problem pydantic found)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ import gradio as gr
 from studio.cache import CacheError
 from studio.registry import UnknownModelError
 
-INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)  # the user can act on these: bad input, a model that won't load
+# What the user can act on: bad input, an unknown model, a model that cannot be loaded.
+INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
 
 
 @contextmanager

@@ -21,6 +21,8 @@ from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
 
 SLOTS = 6  # adapters at once in the UI, each with a weight slider
 HISTORY = 48  # images kept per session in the gallery
+
+
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
     """Steps, guidance, width, height, number of images and negative prompt set to a model's defaults and caps."""
     opts = studio.registry.get(model_id).options
