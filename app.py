@@ -1,5 +1,6 @@
 """GenAI Studio: `python app.py --help` lists the settings (each also an environment variable)."""
 
+import logging
 import os
 
 from studio import spaces
@@ -11,6 +12,8 @@ from studio.config import exit_on_config_error, parse_settings  # noqa: E402
 
 
 def main() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("studio").setLevel(logging.INFO)  # input errors as one line each; internal ones with traceback
     with exit_on_config_error():
         settings = parse_settings()  # before the heavy imports: --help and typos answer at once
         from studio.runtime import create_studio
@@ -18,7 +21,7 @@ def main() -> None:
         studio = create_studio(settings)
         from studio.server import launch
 
-        launch(studio)  # refuses settings that only conflict at launch (--mcp with --auth)
+        launch(studio)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,11 @@ import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
 
-from studio.backends.chat import ChatModel, ChatRequest, stream_chat  # noqa: E402
+from studio.backends.chat import ChatRequest, TransformersChat, stream_chat  # noqa: E402
 from studio.cache import ModelCache  # noqa: E402
 from studio.config import Settings  # noqa: E402
 from studio.registry import ModelSpec, Registry  # noqa: E402
-from studio.runtime import Studio  # noqa: E402
+from studio.runtime import Call, Studio  # noqa: E402
 from studio.telemetry.requestlog import RequestLog  # noqa: E402
 from studio.tiny.text import ZEPHYR_TEMPLATE  # noqa: E402
 
@@ -78,7 +78,7 @@ def build_model() -> torch.nn.Module:
     return model
 
 
-def make_studio(chat: ChatModel, log_dir: Path) -> Studio:
+def make_studio(chat: TransformersChat, log_dir: Path) -> Studio:
     spec = ModelSpec(id=MODEL_ID, modality="chat", label="TinyLlama-1.1B architecture (random weights)",
                      loader="studio.backends.chat:load_causal_lm", params=1_100_048_384,
                      options={"context_length": CONFIG["max_position_embeddings"], "max_new_tokens": 1024})
@@ -120,7 +120,7 @@ def main() -> None:
     tokenizer, model = build_tokenizer(), build_model()
     print(f"built TinyLlama-1.1B architecture ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
           f"bfloat16) in {time.perf_counter() - start:.1f} s; torch threads: {torch.get_num_threads()}", flush=True)
-    chat = ChatModel(model, tokenizer, CONFIG["max_position_embeddings"])
+    chat = TransformersChat(model, tokenizer, CONFIG["max_position_embeddings"])
     studio = make_studio(chat, Path(tempfile.mkdtemp(prefix="bench-chat-")))
     messages = [{"role": "user", "content": PROMPT}]
     req = ChatRequest(messages=messages, model=MODEL_ID, max_new_tokens=args.new_tokens, temperature=0.0,
@@ -132,7 +132,7 @@ def main() -> None:
 
     def studio_path():
         first, pieces = None, []
-        for event in stream_chat(studio, req, client="api", endpoint="bench"):
+        for event in stream_chat(studio, req, Call("rest", "bench")):
             if first is None and event.text:
                 first = time.perf_counter()
             pieces.append(event.text)

@@ -46,7 +46,7 @@ from studio.backends.lora import find  # noqa: E402
 from studio.cache import ModelCache  # noqa: E402
 from studio.config import Settings  # noqa: E402
 from studio.registry import ModelSpec, Registry  # noqa: E402
-from studio.runtime import Studio  # noqa: E402
+from studio.runtime import Call, Studio  # noqa: E402
 from studio.telemetry.requestlog import RequestLog  # noqa: E402
 from studio.tiny.image import clip_tokenizer, random_lora  # noqa: E402
 
@@ -112,7 +112,7 @@ def measure(folder: Path, repeats: int, switches: int) -> dict:
     studio = make_studio(folder)
     request = ImageRequest(prompt=PROMPT, model=MODEL_ID, steps=1, guidance=0.0, width=512, height=512, seed=0,
                            adapters={"A": 1.0})
-    generate_images(studio, request, client="api", endpoint="bench")  # load the model and adapter A (warm-up)
+    generate_images(studio, request, Call("rest", "bench"))  # load the model and adapter A (warm-up)
     loras = {name: find(studio.settings, name) for name in ("A", "B")}
 
     def reload(target) -> None:  # what a tool that reloads on every LoRA change pays
@@ -136,7 +136,7 @@ def measure(folder: Path, repeats: int, switches: int) -> dict:
                        generator=torch.Generator("cpu").manual_seed(0))
 
         def through_studio() -> None:
-            generate_images(studio, request, client="api", endpoint="bench")
+            generate_images(studio, request, Call("rest", "bench"))
 
         through_studio()  # back to adapter A
         for i in range(repeats):  # interleaved, alternating which goes first

@@ -43,7 +43,7 @@ from studio.backends.shape import (PREVIEW_MAX_FACES, ShapEModel, ShapeRequest, 
 from studio.cache import ModelCache  # noqa: E402
 from studio.config import Settings  # noqa: E402
 from studio.registry import ModelSpec, Registry  # noqa: E402
-from studio.runtime import Studio  # noqa: E402
+from studio.runtime import Call, Studio  # noqa: E402
 from studio.telemetry.requestlog import RequestLog  # noqa: E402
 from studio.tiny.image import clip_tokenizer  # noqa: E402
 from studio.tiny.shape import marching_cubes_table  # noqa: E402
@@ -149,7 +149,7 @@ def main() -> None:
 
         clock.take()
         t0 = time.perf_counter()
-        result = generate_shape(studio, req, client="api", endpoint="bench", progress=mark)
+        result = generate_shape(studio, req, Call("rest", "bench", progress=mark))
         window, model_s = marks["denoising"] - t0, clock.take()
         return {"step_s": window / args.steps, "model_s": model_s, "other_s": window - model_s,
                 "decode_s": marks["done"] - marks["extracting"], "result": result}

@@ -38,7 +38,6 @@ import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import ClassVar  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,8 +48,9 @@ from studio.backends.speech import (BarkSpeech, SpeechRequest, VitsSpeech, load_
                                     synthesize)
 from studio.cache import ModelCache  # noqa: E402
 from studio.config import Settings  # noqa: E402
-from studio.registry import PIPER, ModelSpec, Registry  # noqa: E402
-from studio.runtime import Studio  # noqa: E402
+from studio.catalog import PIPER  # noqa: E402
+from studio.registry import ModelSpec, Registry  # noqa: E402
+from studio.runtime import Call, Studio  # noqa: E402
 from studio.telemetry.requestlog import RequestLog  # noqa: E402
 from studio.tiny.speech import bark_generation_config, bark_tokenizer, vits_tokenizer  # noqa: E402
 
@@ -128,9 +128,9 @@ def raw_call(model_id: str, speech) -> tuple[np.ndarray, int]:
 
 def bench_studio(models: dict, folder: Path) -> Studio:
     """A studio whose cache 'loads' the models built above, so the studio path gets a warm cache hit."""
-    specs = [PIPER, ModelSpec(id="mms-tts-eng-size", modality="speech", label="MMS-TTS size",
+    specs = [PIPER, ModelSpec(id="mms-tts-eng-size", modality="text-to-speech", label="MMS-TTS size",
                               loader="studio.backends.speech:load_vits", params=36_300_000),
-             ModelSpec(id="bark-small-size", modality="speech", label="Bark small size",
+             ModelSpec(id="bark-small-size", modality="text-to-speech", label="Bark small size",
                        loader="studio.backends.speech:load_bark", params=404_000_000,
                        options={"max_piece_chars": 200})]
     registry = Registry("bench", [s for s in specs if s.id in models])
@@ -143,7 +143,6 @@ class Silent:
     """A model that costs nothing: timing `synthesize` with it isolates what the studio adds to a call."""
 
     sample_rate: int = 16_000
-    seeded: ClassVar[bool] = True
 
     def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
         return np.zeros(self.sample_rate, dtype=np.float32)
@@ -156,7 +155,7 @@ def studio_overhead_seconds(folder: Path, calls: int = 300) -> float:
     samples = []
     for _ in range(calls):
         start = time.perf_counter()
-        synthesize(studio, request, client="api", endpoint="bench")
+        synthesize(studio, request, Call("rest", "bench"))
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -192,7 +191,7 @@ def run(model_ids: list[str], repeats: int) -> tuple[float, dict]:
             return len(audio) / rate
 
         def via_studio() -> float:
-            result = synthesize(studio, SpeechRequest(TEXT, model_id, seed=SEED), client="api", endpoint="bench")
+            result = synthesize(studio, SpeechRequest(TEXT, model_id, seed=SEED), Call("rest", "bench"))
             clips.add(round(result.seconds, 3))
             return result.seconds
 

@@ -1,9 +1,9 @@
 """The one owner of model lifetimes: a lazy-loading LRU cache that keeps resident models within a memory budget.
 
-Every entry is in one of three states (Ollama's scheduler and InvokeAI's cache are the models here):
+Every entry moves through these states (Ollama's scheduler and InvokeAI's cache are the models here):
 
     LOADING  -> RESIDENT -> EVICTING -> (gone)
-       \\-> (gone, on a failed load: waiters get the same error, the next request tries again)
+       \\-> FAILED (gone: waiters get the same error, the next request tries again)
 
 Rules, each one a fault seen in other model managers:
 - look-up and pin are one atomic step under the lock, so a model cannot be evicted between "get" and "use";
@@ -25,11 +25,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 from studio import devices
 from studio.config import format_size
-from studio.registry import ModelSpec, Registry, resolve
+from studio.modalities import resolve
+from studio.registry import ModelSpec, Registry
 from studio.weights import ensure_local, estimate_bytes
 
 
@@ -54,6 +55,20 @@ class CacheBusy(CacheError):
 
 class ModelLoadError(CacheError):
     pass
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """What a listener hears: a request found its model resident (hit), a load finished or failed, an eviction."""
+
+    kind: Literal["hit", "load", "load_failed", "evict"]
+    model: str
+    seconds: float | None = None  # load time
+    bytes: int | None = None  # the model's size (load, evict)
+    error: str | None = None  # the failed load's exception type
+
+
+Listener = Callable[[CacheEvent], None]
 
 
 @dataclass(eq=False)
@@ -87,9 +102,10 @@ class ModelStatus:
     modality: str
     state: str
     bytes: int
-    pins: int
+    pins: int  # requests using it now
     idle_seconds: float
     load_seconds: float
+    device: str  # where it computes now: the cache's device, or a call's (ZeroGPU) while one uses it
 
 
 @dataclass(frozen=True)
@@ -138,7 +154,7 @@ class ModelCache:
         self._cond = threading.Condition(threading.RLock())
         self._load_lock = threading.Lock()  # one load at a time: fair disk use, exact CUDA memory deltas
         self._entries: dict[str, Entry] = {}
-        self._listeners: list[Callable[[str, dict], None]] = []
+        self._listeners: list[Listener] = []
         self._peak = 0
         self._counts = {"hits": 0, "misses": 0, "loads": 0, "load_failures": 0, "evictions": 0}
         self._load_seconds = 0.0
@@ -207,16 +223,23 @@ class ModelCache:
         self._evict(victims)
         return [e.spec.id for e in victims]
 
-    def add_listener(self, callback: Callable[[str, dict], None]) -> None:
-        """Called with ("hit" | "load" | "load_failed" | "evict", details) for metrics and logs."""
+    def add_listener(self, callback: Listener) -> None:
+        """Called with every CacheEvent (metrics and the cache log)."""
         self._listeners.append(callback)
+
+    def resident(self, model_id: str) -> bool:
+        """Whether the model is in memory now (a request for it will not wait for a load)."""
+        with self._cond:
+            entry = self._entries.get(model_id)
+            return entry is not None and entry.state is State.RESIDENT
 
     def snapshot(self) -> CacheSnapshot:
         now = time.monotonic()
         with self._cond:
             models = [
                 ModelStatus(e.spec.id, e.spec.modality, e.state.value, e.bytes, e.pins,
-                            0.0 if e.pins else round(now - e.last_used, 1), round(e.load_seconds, 3))
+                            0.0 if e.pins else round(now - e.last_used, 1), round(e.load_seconds, 3),
+                            e.moved_to or self.device)
                 for e in self._entries.values()
             ]
             return CacheSnapshot(self.device, self.strategy, self.budget, self._held(), self._peak,
@@ -233,9 +256,10 @@ class ModelCache:
         so this, not `_used`, is what the device sees."""
         return sum(e.bytes for e in self._entries.values() if e.state is not State.LOADING)
 
-    def _emit(self, event: str, **details: Any) -> None:
+    def _emit(self, kind: str, model: str, **details: Any) -> None:
+        event = CacheEvent(kind, model, **details)
         for callback in self._listeners:
-            callback(event, details)
+            callback(event)
 
     def _acquire(self, spec: ModelSpec) -> tuple[Entry, bool, float, float]:
         start = time.monotonic()
@@ -247,7 +271,7 @@ class ModelCache:
                 if entry is not None and entry.state is State.RESIDENT:
                     entry.pins += 1
                     self._counts["hits"] += 1
-                    self._emit("hit", model=spec.id)
+                    self._emit("hit", spec.id)
                     return entry, not waited_on_another, time.monotonic() - start, 0.0
                 if entry is not None:  # LOADING or EVICTING: wait for it to settle
                     waited_on_another = True
@@ -313,7 +337,7 @@ class ModelCache:
                 self._counts["load_failures"] += 1
                 self._cond.notify_all()
             devices.release_memory(self.device)
-            self._emit("load_failed", model=spec.id, error=type(exc).__name__)
+            self._emit("load_failed", spec.id, error=type(exc).__name__)
             if isinstance(exc, CacheError):
                 raise
             raise ModelLoadError(f"could not load {spec.id} from {spec.source}: {exc}") from exc
@@ -332,7 +356,7 @@ class ModelCache:
                 victim.state = State.EVICTING
             self._cond.notify_all()
         self._evict(victims)
-        self._emit("load", model=spec.id, seconds=seconds, bytes=entry.bytes)
+        self._emit("load", spec.id, seconds=seconds, bytes=entry.bytes)
 
     def _move(self, entry: Entry, device: str) -> None:
         """Move a model between the cache's device and a call's; back home only once nobody uses it."""
@@ -375,4 +399,4 @@ class ModelCache:
                 self._counts["evictions"] += 1
             self._cond.notify_all()
         for entry in victims:
-            self._emit("evict", model=entry.spec.id, bytes=entry.bytes)
+            self._emit("evict", entry.spec.id, bytes=entry.bytes)

@@ -194,6 +194,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         concurrency=_number("--concurrency", ns.concurrency, int, 1, 64),
         analytics=ns.analytics,
     )
+    if settings.mcp and settings.auth:
+        raise ConfigError("--mcp: Gradio's MCP server cannot log in, so with --auth its tools would be listed to "
+                          "anyone and fail for everyone; use one of --mcp and --auth")
     if settings.providers and not settings.providers.is_file():
         raise ConfigError(f"--providers: {settings.providers} is not a file")
     if settings.share and not settings.auth and not settings.allow_public:

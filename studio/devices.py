@@ -56,12 +56,17 @@ def module_bytes(obj: object) -> int:
     """
     seen: set[int] = set()
     total = 0
-    for module in _modules(obj, set()):
+    for module in torch_modules(obj):
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def torch_modules(obj: object) -> list[torch.nn.Module]:
+    """Every torch module of a loaded model (see `module_bytes` for what is looked into), each once."""
+    return list(_modules(obj, set()))
 
 
 def _modules(obj: object, visited: set[int]):
@@ -91,7 +96,7 @@ def release_memory(device: str) -> None:
 
 def move(obj: object, device: str) -> None:
     """Move every torch module of a loaded model (see `module_bytes` for what is looked into) to `device`."""
-    for module in _modules(obj, set()):
+    for module in torch_modules(obj):
         module.to(device)
 
 
@@ -140,6 +145,3 @@ def run_on(device: str, fn: F) -> F:
 
     return call  # type: ignore[return-value]
 
-
-def rss_bytes() -> int:
-    return psutil.Process().memory_info().rss

@@ -3,18 +3,49 @@ that the UI and the HTTP API share. Every generation, from either side, goes thr
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
 
-from studio import devices, providers
+from studio import devices, modalities, providers
 from studio.cache import Lease, ModelCache
 from studio.config import ConfigError, Settings, format_size
-from studio.registry import Modality, Registry, select_profile
+from studio.contract import InputError
+from studio.catalog import select_profile
+from studio.registry import ModelSpec, Registry
 from studio.telemetry.metrics import Metrics
-from studio.telemetry.requestlog import Recorder, RequestLog
+from studio.telemetry.requestlog import REQUEST_ID, Recorder, RequestLog
+
+@dataclass
+class Call:
+    """Who asked for one generation, and how to reach back to them while it runs.
+
+    `client` and `entry` make the request log's endpoint label, one scheme for every door: "ui:image",
+    "rest:/generate/image", "openai:/v1/images/generations", "gradio:generate_image". `cancel` is the Stop of the
+    session (or a client that went away); `progress` receives (fraction, text)."""
+
+    client: str  # "ui", "rest" (/generate/*), "openai" (/v1/*), "gradio" (its client API and MCP)
+    entry: str
+    session: str | None = None
+    cancel: threading.Event | None = None
+    progress: Callable[[float, str], Any] | None = None
+    # An HTTP request's id (the middleware's X-Request-ID); a UI generation gets its own.
+    request_id: str = field(default_factory=lambda: REQUEST_ID.get() or os.urandom(16).hex())
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.client}:{self.entry}"
+
+    @property
+    def stopped(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def report(self, fraction: float, text: str) -> None:
+        if self.progress is not None:
+            self.progress(fraction, text)
 
 
 @dataclass
@@ -26,37 +57,62 @@ class Studio:
     notice: str | None = None  # why the studio fell back to the tiny profile, shown as a banner
     metrics: Metrics = field(default_factory=Metrics, repr=False)
     _slots: dict[str, threading.BoundedSemaphore] = field(default_factory=dict, repr=False)
-    _slots_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _asked: set[str] = field(default_factory=set, repr=False)  # providers whose models' limits were read
 
     @property
     def device(self) -> str:
         return self.cache.device
 
-    def models(self, modality: Modality) -> list[str]:
+    def models(self, modality: str) -> list[str]:
         return [spec.id for spec in self.registry.of(modality)]
 
+    def model(self, model_id: str | None, modality: str) -> ModelSpec:
+        """The registry entry a request names (the modality's first model when it names none), checked to be of
+        the modality. An external model from another studio gets that studio's limits on first use."""
+        if model_id is None:
+            first = self.models(modality)
+            if not first:
+                raise InputError("model", f"this studio serves no {modality} model")
+            model_id = first[0]
+        spec = self.registry.get(model_id)
+        if spec.modality != modality:
+            raise InputError("model", f"{model_id!r} is a {spec.modality} model, not a {modality} model")
+        if spec.provider is not None and spec.provider.extensions and spec.provider.name not in self._asked:
+            spec = self._with_remote_options(spec)
+        return spec
+
+    def _with_remote_options(self, spec: ModelSpec) -> ModelSpec:
+        published = providers.remote_options(spec.provider)
+        if published is None:  # not reachable now: ask again next time, check nothing meanwhile
+            return spec
+        with self._lock:
+            self._asked.add(spec.provider.name)
+            for entry in self.registry:
+                if entry.provider == spec.provider and entry.remote in published:
+                    options = modalities.resolve(modalities.get(entry.modality).options)
+                    theirs = options.known(published[entry.remote])
+                    self.registry.replace(replace(entry, options={**theirs, **entry.options}))
+        return self.registry.get(spec.id)
+
     def _slot(self, model_id: str) -> threading.BoundedSemaphore:
-        with self._slots_lock:
+        with self._lock:
             if model_id not in self._slots:
                 self._slots[model_id] = threading.BoundedSemaphore(self.settings.concurrency)
             return self._slots[model_id]
 
     @contextmanager
-    def generation(self, *, modality: Modality, model: str, client: str, endpoint: str,
-                   session: str | None = None, **fields: Any) -> Iterator[tuple[Lease, Recorder]]:
+    def generation(self, spec: ModelSpec, call: Call, **fields: Any) -> Iterator[tuple[Lease, Recorder]]:
         """Log, queue (per-model concurrency limit) and pin the model for one generation (on the call's device,
         where a ZeroGPU call was given one)."""
-        spec = self.registry.get(model)
-        if spec.modality != modality:
-            raise ValueError(f"model: {model!r} is a {spec.modality} model, not a {modality} model")
-        with self.log.record(client=client, endpoint=endpoint, modality=modality, model=model,
-                             session=session, **fields) as rec:
+        with self.log.record(request_id=call.request_id, client=call.client, endpoint=call.endpoint,
+                             modality=spec.modality, model=spec.id, session=call.session,
+                             external=spec.external, **fields) as rec:
             queued = time.monotonic()
-            with self._slot(model):
+            with self._slot(spec.id):
                 rec.set(queue_ms=round((time.monotonic() - queued) * 1000, 1))
-                with self.cache.use(model, run_on=devices.call_device()) as lease:
-                    rec.set(cache="hit" if lease.hit else "load", load_ms=round(lease.load_seconds * 1000, 1),
-                            external=spec.external)
+                with self.cache.use(spec.id, run_on=devices.call_device()) as lease:
+                    rec.set(cache="hit" if lease.hit else "load", load_ms=round(lease.load_seconds * 1000, 1))
                     yield lease, rec
 
 

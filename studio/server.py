@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
 import anyio
@@ -17,7 +18,6 @@ from starlette.middleware import Middleware
 
 from studio.api import build_router
 from studio.api.errors import ERROR_HANDLERS
-from studio.config import ConfigError
 from studio.runtime import Studio, describe, preload_ids
 from studio.spaces import on_spaces
 from studio.telemetry.middleware import RequestIdMiddleware
@@ -25,6 +25,23 @@ from studio.ui import build_ui
 
 PUBLIC_QUEUE_SIZE = 32  # requests waiting beyond this are turned away ("queue full") instead of piling up
 PUBLIC_MAX_FILE_SIZE = "50mb"  # bigger uploads to Gradio's upload route are refused (no tab needs one now)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What strangers may ask of a public studio (a share link or a Space); a local one has no such limits."""
+
+    public: bool
+    queue_size: int | None  # requests waiting in Gradio's queue
+    max_file_size: str | None  # uploads to Gradio's upload route
+    concurrency: int  # generations at once per event (and per model: the studio's own slots)
+
+
+def limits(studio: Studio) -> Limits:
+    settings = studio.settings
+    public = settings.share or on_spaces()
+    return Limits(public, PUBLIC_QUEUE_SIZE if public else None, PUBLIC_MAX_FILE_SIZE if public else None,
+                  settings.concurrency)
 
 
 def _lifespan(studio: Studio):
@@ -80,24 +97,20 @@ def launch(studio: Studio, *, block: bool = True) -> tuple[gr.Blocks, str]:
 
     Public mode (--share, or running as a Space) bounds what strangers can ask for: a queue size limit, an upload
     size limit, no extra folders served; generations are already limited per model by --concurrency."""
-    settings = studio.settings
-    if settings.mcp and settings.auth:
-        raise ConfigError("--mcp: Gradio's MCP server cannot log in, so with --auth its tools would be listed to "
-                          "anyone and fail for everyone; use one of --mcp and --auth")
-    public = settings.share or on_spaces()
+    settings, bounds = studio.settings, limits(studio)
     demo = build_ui(studio)
-    demo.queue(default_concurrency_limit=settings.concurrency, max_size=PUBLIC_QUEUE_SIZE if public else None)
+    demo.queue(default_concurrency_limit=bounds.concurrency, max_size=bounds.queue_size)
     print(f"GenAI Studio: {describe(studio)}", flush=True)
     if studio.notice:
         print(f"NOTE: {studio.notice}", flush=True)
-    if public and os.environ.pop("GRADIO_ALLOWED_PATHS", None):
+    if bounds.public and os.environ.pop("GRADIO_ALLOWED_PATHS", None):
         print("Public mode: GRADIO_ALLOWED_PATHS ignored; a public studio serves no extra folders.", flush=True)
     _app, local_url, _share_url = demo.launch(
         server_name=settings.host,
         server_port=settings.port,
         share=False,  # opened below, so that a failure is one line
         auth=list(settings.auth) or None,
-        max_file_size=PUBLIC_MAX_FILE_SIZE if public else None,
+        max_file_size=bounds.max_file_size,
         mcp_server=settings.mcp,
         prevent_thread_lock=True,
         quiet=True,

@@ -69,8 +69,8 @@ def configure(env: MutableMapping[str, str] | None = None, data: Path = SPACES_D
 def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
     """Decorator: on ZeroGPU run the function under `spaces.GPU`, reserving `duration(*args, **kwargs)` seconds.
 
-    Elsewhere it returns the function unchanged. `duration` gets the same arguments as the decorated function;
-    build it from the estimators below, e.g. `@gpu(lambda prompt, steps, width, height, *_: image_seconds(...))`.
+    Elsewhere it returns the function unchanged. `duration` gets the same arguments as the decorated function
+    (see `studio.ui.controls.Runner`, which builds it from the modality's estimate and `reserve`).
     """
     if not zero_gpu():
         return lambda fn: fn
@@ -81,25 +81,7 @@ def gpu(duration: Callable[..., float]) -> Callable[[F], F]:
     return lambda fn: spaces.GPU(duration=duration)(devices.run_on("cuda", fn))
 
 
-def _seconds(work: float) -> int:
-    return int(min(MAX_GPU_SECONDS, math.ceil(BASE_SECONDS + work)))
-
-
-def chat_seconds(max_new_tokens: int) -> int:
-    """A 0.5-1.1B model decodes 30-60 tokens/s on a ZeroGPU slice: budget 20 tokens/s."""
-    return _seconds(max_new_tokens / 20)
-
-
-def image_seconds(steps: int, width: int, height: int, n: int = 1) -> int:
-    """About 0.15 s per step per 512x512 image for Stable Diffusion 1.5 in half precision, plus VAE decoding."""
-    return _seconds(n * (steps * 0.15 + 1) * (width * height) / (512 * 512))
-
-
-def speech_seconds(text: str) -> int:
-    """Bark, the slowest voice, generates a little faster than real time; speech runs about 15 characters/s."""
-    return _seconds(len(text) / 15)
-
-
-def shape_seconds(steps: int) -> int:
-    """Shap-E: about 0.2 s per diffusion step, plus a few seconds to decode the mesh."""
-    return _seconds(steps * 0.2 + 5)
+def reserve(work: float) -> int:
+    """Seconds to reserve for a call that does `work` seconds of GPU work (each modality estimates its own:
+    `Modality.gpu_seconds`): the fixed cost of a call on top, capped at what ZeroGPU grants."""
+    return int(min(MAX_GPU_SECONDS, math.ceil(BASE_SECONDS + max(work, 0.0))))

@@ -13,7 +13,8 @@ import struct
 import tempfile
 from pathlib import Path
 
-from studio.registry import ModelSpec, resolve, tiny_root
+from studio.modalities import resolve
+from studio.registry import ModelSpec, tiny_root
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float64": 8}
 # Files the studio never needs (other frameworks' copies of the same weights, original training checkpoints).

@@ -17,7 +17,12 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from studio.config import parse_settings  # noqa: E402
-from studio.runtime import Studio, create_studio  # noqa: E402
+from studio.runtime import Call, Studio, create_studio  # noqa: E402
+
+
+def call(client: str = "rest", entry: str = "test", **fields) -> Call:
+    """The Call of a test's generation (client "rest" unless it says otherwise)."""
+    return Call(client, entry, **fields)
 
 
 def free_port() -> int:

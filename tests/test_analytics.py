@@ -19,8 +19,8 @@ def _at(hh_mm: str) -> str:
     return f"2026-01-05T{hh_mm}:00.000Z"
 
 
-CHAT = {"client": "api", "endpoint": "/generate/text", "modality": "chat", "model": "tiny-llama"}
-IMAGE = {"client": "ui", "endpoint": "/ui/image", "modality": "image", "model": "tiny-sd"}
+CHAT = {"client": "rest", "endpoint": "rest:/generate/text", "modality": "chat", "model": "tiny-llama"}
+IMAGE = {"client": "ui", "endpoint": "ui:image", "modality": "image", "model": "tiny-sd", "images": 1}
 ROWS = [
     *({**CHAT, "ts": _at(f"10:0{i}"), "status": "ok", "latency_ms": 100.0 * (i + 1), "ttft_ms": 50.0 + 10 * i,
        "prompt_tokens": 5, "completion_tokens": 11, "cache": "load" if i == 0 else "hit"} for i in range(5)),
@@ -57,8 +57,10 @@ def test_aggregates_equal_hand_computed_values(folder):
     assert result.totals == pytest.approx({
         "requests": 10, "ok": 7, "errors": 2, "stopped": 1, "error_rate": 0.2, "models": 2,
         "p50_ms": 400.0, "p95_ms": 2400.0,  # ok latencies 100..500, 1000, 3000: rank 3 and 5.7 of 0..6
-        "prompt_tokens": 25, "completion_tokens": 55, "images": 2, "audio_seconds": 0.0, "meshes": 0,
         "cache_hit_rate": 0.75, "loads": 3, "evictions": 1,
+        # each modality's own totals (studio.modalities), over its successful requests
+        "replies": 5, "tokens in": 25, "tokens out": 55, "clips": 0, "audio seconds": 0.0, "images": 2,
+        "3D meshes": 0,
     })
     latency = result.tables["latency"]
     assert latency.loc["tiny-llama"].tolist() == [5, 300.0, 480.0, 496.0]

@@ -7,6 +7,7 @@ import threading
 import time
 import weakref
 
+import psutil
 import pytest
 import torch
 
@@ -219,7 +220,7 @@ def test_measured_size_replaces_estimate():
 def test_listeners_see_events():
     cache, _ = make_cache(60)
     events = []
-    cache.add_listener(lambda event, details: events.append((event, details["model"])))
+    cache.add_listener(lambda event: events.append((event.kind, event.model)))
     with cache.use("a"):
         pass
     with cache.use("a"):
@@ -249,14 +250,14 @@ def test_memory_returns_to_baseline_after_50_cycles():
 
     cache = ModelCache(reg, budget=100 * MB, loader=load, estimate=lambda s, d: s.params)
     gc.collect()
-    baseline = devices.rss_bytes()
+    baseline = psutil.Process().memory_info().rss
     for i in range(50):  # alternate: every request evicts the other model
         with cache.use(f"m{i % 2}") as lease:
             assert lease.model.weight.numel() * 4 == spec_size * MB
     del lease  # the caller's own reference; the cache must hold no other
     cache.clear()
     gc.collect()
-    growth = devices.rss_bytes() - baseline
+    growth = psutil.Process().memory_info().rss - baseline
     assert all(r() is None for r in refs), "an evicted model is still referenced"
     assert cache.snapshot().evictions == 50
     assert growth < 100 * MB, f"RSS grew by {growth / MB:.0f} MiB over 50 load/evict cycles of 64 MiB models"

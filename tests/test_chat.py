@@ -12,8 +12,9 @@ import time
 import gradio as gr
 import pytest
 
-from studio.backends.chat import ChatRequest, complete_chat, fit_history, stream_chat, validate_chat
-from studio.registry import UnknownModelError
+from conftest import call
+from studio.backends.chat import ChatRequest, complete_chat, fit_history, stream_chat, validate
+from studio.contract import InputError, UnknownModelError
 from studio.ui import chat_tab
 
 MODEL = "tiny-llama"  # context 256, cap 128 new tokens
@@ -23,12 +24,12 @@ def ask(text: str, model: str = MODEL, **fields) -> ChatRequest:
     return ChatRequest(messages=[{"role": "user", "content": text}], model=model, **fields)
 
 
-def events_of(studio, req: ChatRequest, **kwargs) -> list:
-    return list(stream_chat(studio, req, client="api", endpoint="test", **kwargs))
+def events_of(studio, req: ChatRequest, **fields) -> list:
+    return list(stream_chat(studio, req, call(**fields)))
 
 
-def reply(studio, req: ChatRequest, **kwargs):
-    return complete_chat(studio, req, client="api", endpoint="test", **kwargs)
+def reply(studio, req: ChatRequest, **fields):
+    return complete_chat(studio, req, call(**fields))
 
 
 GREEDY = {"temperature": 0.0, "repetition_penalty": 1.0}
@@ -94,13 +95,13 @@ def test_stop_ends_generation_early_while_another_session_continues(make_studio,
 
     def session_a():
         events = []
-        for event in stream_chat(studio, a, client="ui", endpoint="test", session="a", cancel=cancel_a):
+        for event in stream_chat(studio, a, call("ui", session="a", cancel=cancel_a)):
             events.append(event)
             cancel_a.set()  # the user presses Stop as soon as the reply starts
         results["a"] = events
 
     def session_b():
-        results["b"] = list(stream_chat(studio, b, client="ui", endpoint="test", session="b", cancel=cancel_b))
+        results["b"] = list(stream_chat(studio, b, call("ui", session="b", cancel=cancel_b)))
 
     threads = [threading.Thread(target=session_b), threading.Thread(target=session_a)]
     for t in threads:
@@ -117,7 +118,7 @@ def test_stop_ends_generation_early_while_another_session_continues(make_studio,
 
 def test_a_consumer_that_goes_away_stops_the_model_and_releases_it(studio, monkeypatch):
     _slow_model(studio, monkeypatch)  # 128 tokens would take over 2.5 s
-    events = stream_chat(studio, ask("Hello", max_new_tokens=128, **GREEDY), client="api", endpoint="test")
+    events = stream_chat(studio, ask("Hello", max_new_tokens=128, **GREEDY), call())
     next(events)
     start = time.monotonic()
     events.close()  # what a disconnected HTTP client or a closed Gradio stream does
@@ -136,7 +137,7 @@ def test_concurrent_sessions_get_their_own_replies(make_studio):
 
     def session(name: str):
         start = time.monotonic()
-        together[name] = complete_chat(studio, requests[name], client="ui", endpoint="test", session=name).text
+        together[name] = complete_chat(studio, requests[name], call("ui", session=name)).text
         spans[name] = (start, time.monotonic())
 
     threads = [threading.Thread(target=session, args=(name,)) for name in requests]
@@ -173,7 +174,7 @@ def test_long_history_drops_oldest_turns_keeping_system_and_newest(studio):
     kept = prompt.count("Question ")
     assert f"Question {20 - kept}:" in prompt  # the newest turns are the ones kept
 
-    with pytest.raises(ValueError, match="^messages: "):  # only the newest message itself can be too long
+    with pytest.raises(InputError, match="^messages: "):  # only the newest message itself can be too long
         reply(studio, ask("word " * 400, max_new_tokens=64))
 
 
@@ -187,23 +188,28 @@ def test_long_history_drops_oldest_turns_keeping_system_and_newest(studio):
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"temperature": 1e-300}, "temperature"),  # passed once, then broke sampling (inf logits)
+    ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),  # a lone surrogate
+    ({"system": "\ud800"}, "system"),
     ({"max_new_tokens": 0}, "max_new_tokens"),
     ({"max_new_tokens": 129}, "max_new_tokens"),
     ({"seed": -1}, "seed"),
     ({"stop": [""]}, "stop"),
     ({"model": "tiny-sd"}, "model"),
 ])
-def test_validate_chat_names_the_bad_field(studio, fields, field):
+def test_validate_names_the_bad_field(studio, fields, field):
     req = ask("hello")
     for name, value in fields.items():
         setattr(req, name, value)
-    with pytest.raises(ValueError, match=f"^{re.escape(field)}: "):
-        validate_chat(studio, req)
+    with pytest.raises(InputError, match=f"^{re.escape(field)}: ") as raised:
+        validate(studio, req)
+    assert raised.value.field == field
 
 
 def test_unknown_model_is_not_found(studio):
     with pytest.raises(UnknownModelError):
-        validate_chat(studio, ask("hello", model="nope"))
+        validate(studio, ask("hello", model="nope"))
 
 
 def _sse(text: str) -> list:
@@ -269,52 +275,62 @@ def test_generate_text_obeys_api_keys(make_studio):
 
 
 def test_chat_tab_streams_and_reports_tokens_seed_and_dropped_turns(studio):
-    sessions = chat_tab.Sessions()
-    sessions.arm("s1")
+    chat = chat_tab.runner(studio)
     box, history = chat_tab.add_message("Hello there", [])
     # A fixed seed: with a random one the random-weight model may emit only partial UTF-8 bytes, which the
     # streamer holds back until the end, so the reply would arrive in one piece.
-    outputs = list(chat_tab.respond(studio, history, MODEL, "Be brief.", 24, 0.7, 0.95, 50, 1.1, "5",
-                                    session="s1", cancel=sessions.event("s1")))
+    outputs = list(chat_tab.respond(chat, history, MODEL, "Be brief.", 24, 0.7, 0.95, 50, 1.1, "5", session="s1"))
     assert box == "" and "Loading" in outputs[0][1]  # first use shows the model loading
     replies = [h[-1]["content"] for h, _ in outputs[1:]]
     assert len(set(replies)) >= 3 and all(later.startswith(r) for r, later in zip(replies, replies[1:]))
     history, status = outputs[-1]
-    assert [m["role"] for m in history] == ["user", "assistant"]
-    assert "tokens/s" in status and "seed `" in status
+    assert [m["role"] for m in history] == ["user", "assistant"] and history[-1]["content"]
+    assert "tokens/s" in status and "seed `5`" in status
 
     assert chat_tab.retry(history) == history[:1]
     assert chat_tab.undo(history) == ([], "Hello there")
     with pytest.raises(gr.Error, match="Type a message"):
         chat_tab.add_message("  ", history)
     with pytest.raises(gr.Error, match="seed: 'abc' is not a whole number"):
-        next(chat_tab.respond(studio, history, MODEL, "", 8, 0, 1, 0, 1, "abc", session="s1",
-                              cancel=sessions.event("s1")))
+        next(chat_tab.respond(chat, history, MODEL, "", 8, 0, 1, 0, 1, "abc", session="s1"))
 
     long = _long_history(20)
-    *_, (_, status) = chat_tab.respond(studio, long, MODEL, "", 64, 0, 1, 0, 1, 7, session="s2",
-                                       cancel=sessions.event("s2"))
+    *_, (_, status) = chat_tab.respond(chat, long, MODEL, "", 64, 0, 1, 0, 1, 7, session="s2")
     assert "left out" in status and "seed `7`" in status
 
 
-def test_chat_tab_stop_is_per_session(studio):
-    sessions = chat_tab.Sessions()
-    sessions.arm("mine")
-    sessions.arm("theirs")
-    sessions.stop("mine")
-    assert sessions.event("mine").is_set() and not sessions.event("theirs").is_set()
-    outputs = list(chat_tab.respond(studio, [{"role": "user", "content": "hi"}], MODEL, "", 8, 0, 1, 0, 1, None,
-                                    session="mine", cancel=sessions.event("mine")))
-    assert outputs == [([{"role": "user", "content": "hi"}], "Stopped before the reply started.")]
-    sessions.arm("mine")  # the next message starts with a fresh event
-    assert not sessions.event("mine").is_set()
+def test_chat_tab_stop_ends_only_that_sessions_reply(make_studio, monkeypatch):
+    studio = make_studio("--concurrency", "2")
+    _slow_model(studio, monkeypatch)
+    chat = chat_tab.runner(studio)
+    hi = [{"role": "user", "content": "Tell me about the sea"}]
+    results: dict[str, list] = {}
+
+    def session(name: str) -> None:
+        outputs = []
+        for history, status in chat_tab.respond(chat, hi, MODEL, "", 64, 0, 1, 0, 1, "1", session=name):
+            outputs.append((history, status))
+            if name == "mine" and status == "Generating…" and len(outputs) == 3:
+                assert chat.stop("mine")  # Stop pressed while the reply streams
+        results[name] = outputs
+
+    threads = [threading.Thread(target=session, args=(name,)) for name in ("mine", "theirs")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    mine, theirs = results["mine"][-1], results["theirs"][-1]
+    assert "stopped" in mine[1] and "stopped" not in theirs[1]
+    assert len(mine[0][-1]["content"]) < len(theirs[0][-1]["content"])  # same greedy reply, cut short
+    assert theirs[0][-1]["content"].startswith(mine[0][-1]["content"])
+    assert not chat.stop("mine"), "nothing runs for the session any more"
 
 
-def test_gradio_client_chat_endpoint(live_server):
+def test_gradio_client_text_endpoint(live_server):
     from gradio_client import Client
 
     _studio, url = live_server
     client = Client(url, verbose=False)
-    first = client.predict("Hello", model=MODEL, temperature=0.0, max_new_tokens=12, api_name="/chat")
-    again = client.predict("Hello", model=MODEL, temperature=0.0, max_new_tokens=12, api_name="/chat")
+    first = client.predict("Hello", model=MODEL, temperature=0.0, max_new_tokens=12, api_name="/generate_text")
+    again = client.predict("Hello", model=MODEL, temperature=0.0, max_new_tokens=12, api_name="/generate_text")
     assert isinstance(first, str) and first and first == again

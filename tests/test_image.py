@@ -9,17 +9,19 @@ import os
 import threading
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import collect_rows, routes, tiny_studio
+from conftest import call, collect_rows, routes, tiny_studio
 from studio import devices
-from studio.backends.image import ImageRequest, generate_images, list_loras, validate_image
+from studio.backends.image import ImageRequest, generate_images, list_loras, validate
 from studio.backends.lora import LoraError, find, parse_prompt
 from studio.cache import ModelCache
-from studio.registry import ModelSpec, Registry, UnknownModelError
+from studio.contract import InputError, UnknownModelError
+from studio.registry import ModelSpec, Registry
 from studio.tiny.image import random_lora
 from studio.weights import ensure_local
 
@@ -77,7 +79,7 @@ def http(studio):
 def draw(studio, model: str = "tiny-sd", adapters: dict | None = None, prompt: str = "a red fox", *, steps: int = 2,
          seed: int | None = 7, cancel: threading.Event | None = None, progress=None, **fields):
     req = ImageRequest(prompt=prompt, model=model, steps=steps, seed=seed, adapters=adapters or {}, **fields)
-    return generate_images(studio, req, client="api", endpoint="test", cancel=cancel, progress=progress)
+    return generate_images(studio, req, call(cancel=cancel, progress=progress))
 
 
 def pixels(result, index: int = 0) -> np.ndarray:
@@ -104,7 +106,7 @@ def test_each_image_of_a_batch_is_reproduced_by_its_own_settings(studio):
     assert [im.size for im in batch.images] == [(72, 64)] * 2
     settings = batch.image_settings(1)
     assert settings["seed"] == batch.seed + 1 and settings["n"] == 1
-    alone = generate_images(studio, ImageRequest(**settings), client="api", endpoint="test")
+    alone = generate_images(studio, ImageRequest(**settings), call())
     assert np.array_equal(pixels(alone), pixels(batch, 1))
 
 
@@ -168,18 +170,18 @@ def test_scan_finds_both_formats_in_subfolders_and_lists_unusable_files(studio, 
     ("corrupt", "corrupt.safetensors cannot be read"), ("not-a-lora", "not-a-lora.safetensors is not a LoRA"),
 ])
 def test_only_scanned_usable_adapters_are_accepted(studio, name, message):
-    with pytest.raises(ValueError, match=f"^adapters: .*{message}"):
-        validate_image(studio, ImageRequest(prompt="x", model="tiny-sd", adapters={name: 1.0}))
+    with pytest.raises(InputError, match=f"^adapters: .*{message}"):
+        validate(studio, ImageRequest(prompt="x", model="tiny-sd", adapters={name: 1.0}))
 
 
 def test_an_adapter_for_another_base_is_refused_and_the_model_keeps_working(make_studio, lora_dir):
     studio = make_studio("--lora-dir", str(lora_dir))  # a fresh model: the first adapter it sees is the wrong one
     wrong_base = r"^adapters: .*a\.safetensors cannot be loaded into tiny-sd-turbo: it was made for another base model"
-    with pytest.raises(ValueError, match=wrong_base):
+    with pytest.raises(InputError, match=wrong_base):
         draw(studio, model="tiny-sd-turbo", steps=1, adapters={"a": 1.0})
     base = pixels(draw(studio, model="tiny-sd-turbo", steps=1))
     own = pixels(draw(studio, model="tiny-sd-turbo", steps=1, adapters={"turbo": 1.0}))
-    with pytest.raises(ValueError, match=wrong_base):
+    with pytest.raises(InputError, match=wrong_base):
         draw(studio, model="tiny-sd-turbo", steps=1, adapters={"a": 1.0, "turbo": 1.0})
     with studio.cache.use("tiny-sd-turbo") as lease:
         loaded = lease.model.pipe.get_list_adapters()
@@ -213,10 +215,10 @@ def test_memory_does_not_grow_across_100_adapter_switches(studio):
 
         for i in range(10):  # warm up allocator caches
             switch(i)
-        before = (devices.module_bytes(model), studio.cache.snapshot().used_bytes, devices.rss_bytes())
+        before = (devices.module_bytes(model), studio.cache.snapshot().used_bytes, psutil.Process().memory_info().rss)
         for i in range(100):
             switch(i)
-        after = (devices.module_bytes(model), studio.cache.snapshot().used_bytes, devices.rss_bytes())
+        after = (devices.module_bytes(model), studio.cache.snapshot().used_bytes, psutil.Process().memory_info().rss)
     assert after[:2] == before[:2], "switching must not load anything"
     assert after[2] - before[2] < 8 * 2**20, f"RSS grew by {(after[2] - before[2]) / 2**20:.1f} MiB"
     assert np.array_equal(pixels(draw(studio, adapters={"a": 1.0})), a)
@@ -272,7 +274,7 @@ def test_get_loras_lists_adapters_with_format_and_errors(http):
     ({"steps": 51}, "steps"), ({"width": 65}, "width"), ({"height": 136}, "height"),
     ({"adapters": {"../../x": 1}}, "adapters"), ({"adapters": {"a": 2.5}}, "adapters"),
     ({"adapters": {"a": -3}}, "adapters"), ({"model": "tiny-sd-turbo", "negative_prompt": "blur"}, "negative_prompt"),
-    ({"n": 2}, "n"), ({"seed": -1}, "seed"), ({"model": "tiny-llama"}, "model"),
+    ({"n": 2}, "n"), ({"seed": -1}, "seed"), ({"model": "tiny-llama"}, "model")
 ])
 def test_bad_input_gets_422_naming_the_field(http, change, field):
     r = http.post("/generate/image", json={"prompt": "a fox", "model": "tiny-sd", "steps": 2, **change})
@@ -283,7 +285,7 @@ def test_unknown_model_is_404(http, studio):
     r = http.post("/generate/image", json={"prompt": "a fox", "model": "sd-99"})
     assert r.status_code == 404 and "sd-99" in r.json()["detail"]
     with pytest.raises(UnknownModelError):
-        validate_image(studio, ImageRequest(prompt="x", model="sd-99"))
+        validate(studio, ImageRequest(prompt="x", model="sd-99"))
 
 
 # ---------------------------------------------------------------------------------------------- Gradio client

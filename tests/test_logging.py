@@ -25,7 +25,8 @@ from starlette.middleware import Middleware
 from studio.telemetry.analytics import LogReader
 from studio.telemetry.metrics import Metrics
 from studio.telemetry.middleware import RequestIdMiddleware
-from studio.telemetry.requestlog import COLUMNS, RequestLog
+from studio.runtime import Call
+from studio.telemetry.requestlog import RequestLog, columns
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +71,7 @@ def _check_rows(folder: Path, expected: set[str]) -> None:
     tags = [row["extra"]["writer"] for row in rows]
     assert len(tags) == len(expected) and set(tags) == expected
     for row in rows:
-        assert tuple(row) == COLUMNS
+        assert tuple(row) == columns()
         assert row["prompt"].startswith(row["extra"]["writer"] + ":")
         assert row["prompt_sha256"] == hashlib.sha256(row["prompt"].encode()).hexdigest()
         assert row["prompt_chars"] == len(row["prompt"])
@@ -160,7 +161,7 @@ def test_row_shape_status_and_prompt_privacy(make_studio):
         gen.close()
 
     rows = [json.loads(line) for line in _lines(log.folder)]
-    assert all(tuple(row) == COLUMNS for row in rows)
+    assert all(tuple(row) == columns() for row in rows)
     assert [(r["status"], r["error_type"]) for r in rows] == [("ok", None), ("stopped", None), ("error", "ValueError"),
                                                               ("stopped", None), ("ok", None)]
     first = rows[0]
@@ -190,11 +191,11 @@ def test_metrics_parse_and_move(http, studio):
     health = ("http_requests_total", (("method", "GET"), ("route", "/health"), ("status", "200")))
     assert before[health] == 4
 
-    with studio.generation(modality="chat", model="tiny-llama", client="api", endpoint="/generate/text") as (_, rec):
+    llama = studio.registry.get("tiny-llama")
+    with studio.generation(llama, Call("rest", "/generate/text")) as (_, rec):
         rec.first_output()
         rec.set(prompt_tokens=4, completion_tokens=6)
-    with pytest.raises(RuntimeError), studio.generation(modality="chat", model="tiny-llama", client="ui",
-                                                        endpoint="/ui"):
+    with pytest.raises(RuntimeError), studio.generation(llama, Call("ui", "chat")):
         raise RuntimeError("boom")
     response = http.get("/metrics")
     assert response.headers["content-type"].startswith("text/plain")
@@ -203,7 +204,7 @@ def test_metrics_parse_and_move(http, studio):
     assert after[health] == 4
     assert after[("http_requests_total", (("method", "GET"), ("route", "/metrics"), ("status", "200")))] == 1
     assert after[("gen_ai_server_requests_total",
-                  (("client", "api"), ("modality", "chat"), model, ("status", "ok")))] == 1
+                  (("client", "rest"), ("modality", "chat"), model, ("status", "ok")))] == 1
     assert after[("gen_ai_server_requests_total",
                   (("client", "ui"), ("modality", "chat"), model, ("status", "error")))] == 1
     assert after[("gen_ai_server_request_duration_seconds_count", (("modality", "chat"), model))] == 2
@@ -227,7 +228,7 @@ def test_generation_rows_carry_the_response_request_id(studio):
 
     @app.post("/probe")
     def probe() -> dict:
-        with studio.generation(modality="chat", model="tiny-llama", client="api", endpoint="/probe"):
+        with studio.generation(studio.registry.get("tiny-llama"), Call("rest", "/probe")):
             return {"ok": True}
 
     with TestClient(app) as client:
@@ -244,7 +245,7 @@ def test_streamed_generate_text_is_logged_under_its_request_id(http, studio):
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["done"] is True
     [row] = [json.loads(line) for line in _lines(studio.log.folder)]
-    assert (row["request_id"], row["status"], row["endpoint"]) == (request_id, "ok", "/generate/text")
+    assert (row["request_id"], row["status"], row["endpoint"]) == (request_id, "ok", "rest:/generate/text")
     assert row["completion_tokens"] >= 1 and row["prompt_chars"] == 5 and row["prompt"] is None
 
 

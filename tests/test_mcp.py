@@ -15,7 +15,7 @@ from studio.runtime import create_studio
 from studio.server import launch
 
 # tool name (the documented gr.api endpoint of each modality) -> its main, required text parameter
-TOOLS = {"chat": "message", "generate_image": "prompt", "generate_speech": "text", "generate_3d": "prompt"}
+TOOLS = {"generate_text": "message", "generate_image": "prompt", "generate_speech": "text", "generate_3d": "prompt"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_generation_tools_have_typed_documented_parameters(mcp_url):
         schema = tools[name].inputSchema
         assert main in schema["required"] and schema["properties"][main]["type"] == "string", name
         assert "model" in schema["properties"], name
-    assert "integer" in types(tools["chat"].inputSchema["properties"]["max_new_tokens"])
+    assert "integer" in types(tools["generate_text"].inputSchema["properties"]["max_new_tokens"])
     assert "integer" in types(tools["generate_image"].inputSchema["properties"]["steps"])
     for name, tool in tools.items():  # every tool, so no UI-only event leaks out undocumented
         assert tool.description, f"tool {name} has no description"
@@ -70,7 +70,8 @@ def test_schema_endpoint_lists_the_same_tools(mcp_url):
 
 
 def test_a_tool_call_runs_a_generation(mcp_url):
-    result = call_tool(mcp_url, "chat", {"message": "Hello", "model": "tiny-llama", "max_new_tokens": 8, "seed": 1})
+    result = call_tool(mcp_url, "generate_text", {"message": "Hello", "model": "tiny-llama", "max_new_tokens": 8,
+                                                  "seed": 1})
     assert not result.isError, result.content
     assert result.content[0].type == "text"
 

@@ -54,12 +54,13 @@ def rows(server):
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello"}]
 
 
-def test_model_list_has_every_chat_image_and_speech_model(server, client):
+def test_model_list_has_every_model_with_its_limits(server, client):
     models = {m.id: m for m in client.models.list()}
     studio = server[0]
-    expected = {s.id for s in studio.registry if s.modality in ("chat", "image", "speech")}
-    assert set(models) == expected  # the 3D model has no OpenAI endpoint, so it is not listed
+    assert set(models) == {s.id for s in studio.registry}
     assert models["tiny-llama"].owned_by == "studio"
+    assert models["tiny-sd-turbo"].model_extra["options"]["max_steps"] == 4  # the caps another studio reads
+    assert models["tiny-shap-e"].model_extra["modality"] == "3d"
     assert models["tiny-llama"].model_extra["modality"] == "chat"
     assert models["piper-joe"].model_extra["external"] is False
     assert models["piper-joe"].model_extra["voices"] == ["joe"]  # what `voice` takes
@@ -76,7 +77,7 @@ def test_chat_completion_reports_usage_and_finish_reason(client, rows):
     assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
     assert again.choices[0].message.content == choice.message.content  # same seed, same reply
     assert [(r["client"], r["endpoint"], r["status"], r["completion_tokens"]) for r in rows][0] == (
-        "openai", "/v1/chat/completions", "ok", first.usage.completion_tokens)
+        "openai", "openai:/v1/chat/completions", "ok", first.usage.completion_tokens)
 
 
 def test_streamed_chat_matches_the_whole_reply_and_ends_with_usage(client):

@@ -21,15 +21,15 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from conftest import free_port
+from conftest import call, free_port
 from studio.backends.chat import ChatRequest, complete_chat
 from studio.backends.image import ImageRequest, generate_images
+from studio.backends.remote import ProviderError
 from studio.backends.speech import SpeechRequest, synthesize
 from studio.config import ConfigError, parse_settings
-from studio.providers import ProviderError
 from studio.runtime import create_studio
 from studio.server import launch
-from studio.ui.chat_tab import respond
+from studio.ui import chat_tab
 
 ROOT = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "Write a poem about the moon"}]
@@ -98,11 +98,10 @@ PROVIDERS = """
 - name: studio-b
   base_url: {b}/v1
   extensions: true
-  models:
+  models:  # no options: studio B publishes its models' limits and defaults
     - {{id: remote-llama, name: tiny-llama, modality: chat, label: Tiny Llama on B}}
-    - {{id: remote-sd, name: tiny-sd-turbo, modality: image,
-       options: {{steps: 1, max_steps: 4, guidance: 0.0, width: 64, height: 64, max_size: 128}}}}
-    - {{id: remote-joe, name: piper-joe, modality: speech, options: {{voices: [joe], default_voice: joe}}}}
+    - {{id: remote-sd, name: tiny-sd-turbo, modality: image}}
+    - {{id: remote-joe, name: piper-joe, modality: text-to-speech}}
 - name: down
   base_url: http://127.0.0.1:{closed}/v1
   max_retries: 0
@@ -151,14 +150,13 @@ def api(studio_a) -> openai.OpenAI:
 
 def local_greedy_reply(studio) -> str:
     """What tiny-llama answers here; studio B builds the same tiny model from the same folder."""
-    return complete_chat(studio, ChatRequest(messages=HELLO, model="tiny-llama", **GREEDY), client="api",
-                         endpoint="test").text
+    return complete_chat(studio, ChatRequest(messages=HELLO, model="tiny-llama", **GREEDY), call()).text
 
 
 def test_external_models_join_the_pickers_and_the_model_list(studio_a, api):
     studio = studio_a[0]
     assert "remote-llama" in studio.models("chat") and "tiny-llama" in studio.models("chat")
-    assert "remote-sd" in studio.models("image") and "remote-joe" in studio.models("speech")
+    assert "remote-sd" in studio.models("image") and "remote-joe" in studio.models("text-to-speech")
     spec = studio.registry.get("remote-llama")
     assert spec.external and spec.label == "Tiny Llama on B · studio-b (external)"
     listed = {m.id: m for m in api.models.list()}
@@ -168,15 +166,15 @@ def test_external_models_join_the_pickers_and_the_model_list(studio_a, api):
 
 def test_chat_tab_streams_a_reply_made_by_the_provider(studio_a, studio_b):
     studio, b_logs = studio_a[0], studio_b[1]
-    updates = list(respond(studio, HELLO, "remote-llama", "", GREEDY["max_new_tokens"], 0.0, 1.0, 0, 1.0, None,
-                           session="s1", cancel=threading.Event()))
+    updates = list(chat_tab.respond(chat_tab.runner(studio), HELLO, "remote-llama", "", GREEDY["max_new_tokens"], 0.0,
+                                    1.0, 0, 1.0, None, session="s1"))
     reply = updates[-1][0][-1]["content"]
     assert len(updates) > 2 and reply == local_greedy_reply(studio)  # streamed, and B's tiny-llama wrote it
     assert "tokens" in updates[-1][1]
     row_a = next(r for r in _rows(studio.log.folder) if r["model"] == "remote-llama")
     assert (row_a["external"], row_a["client"], row_a["status"]) == (True, "ui", "ok")
     row_b = next(r for r in reversed(_rows(b_logs)) if r["model"] == "tiny-llama")
-    assert (row_b["client"], row_b["endpoint"], row_b["external"]) == ("openai", "/v1/chat/completions", False)
+    assert (row_b["client"], row_b["endpoint"], row_b["external"]) == ("openai", "openai:/v1/chat/completions", False)
     assert row_a["completion_tokens"] == row_b["completion_tokens"] and row_a["load_ms"] < 1000
 
 
@@ -186,27 +184,40 @@ def test_openai_api_streams_through_to_the_provider(studio_a, api):
     pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 1 and "".join(pieces) == local_greedy_reply(studio_a[0])
     row = [r for r in _rows(studio_a[0].log.folder) if r["model"] == "remote-llama"][-1]
-    assert (row["external"], row["client"], row["endpoint"]) == (True, "openai", "/v1/chat/completions")
+    assert (row["external"], row["client"], row["endpoint"]) == (True, "openai", "openai:/v1/chat/completions")
 
 
-def test_images_and_speech_come_from_the_provider(studio_a):
+def test_images_and_speech_come_from_the_provider_with_its_own_defaults(studio_a):
+    """No steps and no voice in the requests, and none in the providers file: the provider's defaults apply (a
+    studio provider publishes them), not generic ones it would refuse."""
     studio = studio_a[0]
-    remote = generate_images(studio, ImageRequest(prompt="a lighthouse", model="remote-sd", seed=9, n=2),
-                             client="ui", endpoint="test")
+    remote = generate_images(studio, ImageRequest(prompt="a lighthouse", model="remote-sd", seed=9, n=2), call("ui"))
     local = generate_images(studio, ImageRequest(prompt="a lighthouse", model="tiny-sd-turbo", seed=9, n=2),
-                            client="ui", endpoint="test")
+                            call("ui"))
     for theirs, ours in zip(remote.images, local.images, strict=True):  # seeds, steps and size went along
         assert np.array_equal(np.asarray(theirs), np.asarray(ours))
-    clip = synthesize(studio, SpeechRequest(text="Hello from the other studio.", model="remote-joe"),
-                      client="ui", endpoint="test")
+    clip = synthesize(studio, SpeechRequest(text="Hello from the other studio.", model="remote-joe"), call("ui"))
     assert clip.sample_rate == 22050 and clip.seconds > 0.5 and np.abs(clip.audio).max() > 0.01
+
+
+def test_a_studio_provider_lends_its_limits_to_the_pickers_and_checks(studio_a):
+    from studio.backends.image import ImageOptions, validate
+    from studio.contract import InputError
+
+    studio = studio_a[0]
+    studio.model("remote-sd", "image")  # the first use asks studio B once
+    opts = ImageOptions.of(studio.registry.get("remote-sd"))
+    assert (opts.steps, opts.max_steps, opts.max_size, opts.negative_prompt) == (1, 4, 128, False)
+    with pytest.raises(InputError, match="^steps: must be from 1 to 4 for remote-sd"):
+        validate(studio, ImageRequest(prompt="a lighthouse", model="remote-sd", steps=9))
+    assert studio.registry.get("remote-llama").options["max_new_tokens"] == 128
 
 
 def test_a_provider_that_is_down_gives_a_clear_error_and_the_studio_keeps_working(studio_a, api):
     studio = studio_a[0]
     with pytest.raises(gr.Error) as shown:
-        list(respond(studio, HELLO, "down-llama", "", 8, 0.0, 1.0, 0, 1.0, None, session="s2",
-                     cancel=threading.Event()))
+        list(chat_tab.respond(chat_tab.runner(studio), HELLO, "down-llama", "", 8, 0.0, 1.0, 0, 1.0, None,
+                              session="s2"))
     assert "cannot reach provider down" in shown.value.message and "refused" in shown.value.message
     with pytest.raises(openai.APIStatusError) as caught:
         api.chat.completions.create(model="down-llama", messages=HELLO, stream=True)
@@ -226,7 +237,7 @@ def test_a_provider_that_is_down_gives_a_clear_error_and_the_studio_keeps_workin
 ])
 def test_provider_failures_become_clear_errors_on_every_surface(studio_a, api, model, status, words):
     with pytest.raises(ProviderError) as raised:
-        complete_chat(studio_a[0], ChatRequest(messages=HELLO, model=model), client="ui", endpoint="test")
+        complete_chat(studio_a[0], ChatRequest(messages=HELLO, model=model), call("ui"))
     assert raised.value.status == status and words in str(raised.value)
     with pytest.raises(openai.APIStatusError) as caught:
         api.chat.completions.create(model=model, messages=HELLO)

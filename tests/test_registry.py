@@ -8,13 +8,15 @@ import torch
 
 from studio import devices
 from studio.cache import ModelCache, ModelLoadError
-from studio.registry import DEFAULT_MODELS, MODALITIES, TINY_MODELS, Registry, select_profile
+from studio import modalities
+from studio.catalog import DEFAULT_MODELS, TINY_MODELS, select_profile
+from studio.registry import Registry
 from studio.weights import estimate_bytes, safetensors_bytes, tiny_root
 
 
 def test_both_profiles_cover_every_modality():
     for models in (DEFAULT_MODELS, TINY_MODELS):
-        assert {s.modality for s in models} == set(MODALITIES)
+        assert {s.modality for s in models} == set(modalities.names())
         assert "piper-joe" in {s.id for s in models}
     repos = {s.repo for s in DEFAULT_MODELS}
     assert {"TinyLlama/TinyLlama-1.1B-Chat-v1.0", "suno/bark-small", "facebook/mms-tts-eng",
@@ -60,6 +62,4 @@ def test_tiny_model_builds_loads_and_reloads_identically(spec):
 
 
 def _state(model) -> dict[str, torch.Tensor]:
-    from studio.devices import _modules
-
-    return {f"{i}.{k}": v for i, m in enumerate(_modules(model, set())) for k, v in m.state_dict().items()}
+    return {f"{i}.{k}": v for i, m in enumerate(devices.torch_modules(model)) for k, v in m.state_dict().items()}

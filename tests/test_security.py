@@ -19,7 +19,7 @@ from test_spaces import APP, ROOT, AppProcess
 from studio.api import security
 from studio.api.security import guard
 from studio.config import ConfigError
-from studio.server import PUBLIC_QUEUE_SIZE, app_kwargs, launch
+from studio.server import PUBLIC_QUEUE_SIZE, Limits, app_kwargs, launch, limits
 
 
 def guarded_router(studio) -> APIRouter:
@@ -92,7 +92,7 @@ def test_launch_auth_protects_routes_with_basic(make_studio):
 
 def test_mcp_with_auth_is_refused(make_studio):
     with pytest.raises(ConfigError, match="--mcp"):
-        launch(make_studio("--mcp", "--auth", "alice:wonder"), block=False)
+        make_studio("--mcp", "--auth", "alice:wonder")
 
 
 @pytest.fixture(scope="module")
@@ -137,23 +137,21 @@ def test_share_without_auth_refuses_to_start(tmp_path):
 
 def test_public_mode_limits(make_studio, monkeypatch, capsys):
     monkeypatch.setenv("GRADIO_ALLOWED_PATHS", str(ROOT))
-    demo, url = launch(make_studio("--share", "--allow-public", "--concurrency", "2", "--port", str(free_port())),
-                       block=False)
+    studio = make_studio("--share", "--allow-public", "--concurrency", "2", "--port", str(free_port()))
+    assert limits(studio) == Limits(public=True, queue_size=PUBLIC_QUEUE_SIZE, max_file_size="50mb", concurrency=2)
+    demo, url = launch(studio, block=False)
     try:
-        assert demo._queue.max_size == PUBLIC_QUEUE_SIZE
         assert demo.max_file_size == 50 * 2**20
         assert demo.allowed_paths == [] and "GRADIO_ALLOWED_PATHS" not in os.environ
-        assert demo._queue.default_concurrency_limit == 2  # per event; the studio's per-model slots use the same 2
         assert httpx.get(url.rstrip("/") + "/health").status_code == 200
+        too_big = httpx.post(url.rstrip("/") + "/gradio_api/upload", files={"files": ("big.bin", b"0" * (51 * 2**20))})
+        assert too_big.status_code == 413
     finally:
         demo.close()
     assert "GRADIO_ALLOWED_PATHS ignored" in capsys.readouterr().out
 
-    demo, _url = launch(make_studio("--port", str(free_port())), block=False)  # local: no limits
-    try:
-        assert demo._queue.max_size is None and demo.max_file_size is None
-    finally:
-        demo.close()
+    local = make_studio("--port", str(free_port()))
+    assert limits(local) == Limits(public=False, queue_size=None, max_file_size=None, concurrency=1)
 
 
 def test_share_failure_is_one_line_and_the_studio_keeps_serving(tmp_path):

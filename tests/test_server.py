@@ -11,18 +11,18 @@ def test_ui_client_api_and_health_on_one_port(live_server):
     studio, url = live_server
     assert httpx.get(url + "/").status_code == 200  # the Gradio UI
     health = httpx.get(url + "/health").json()
-    assert health["status"] == "ok" and health["profile"] == "tiny" and health["device"] == "cpu"
-    assert health["budget_bytes"] == 4 * 2**30 and isinstance(health["models"], list)
+    assert health["status"] == "ok" and health["profile"] == "tiny" and health["cache"]["device"] == "cpu"
+    assert health["cache"]["budget_bytes"] == 4 * 2**30 and isinstance(health["cache"]["models"], list)
 
     status = Client(url, verbose=False).predict(api_name="/models")  # a Gradio endpoint, via gradio_client
-    assert status["budget_bytes"] == health["budget_bytes"] and status["strategy"] == "lru"
+    assert status["budget_bytes"] == health["cache"]["budget_bytes"] and status["strategy"] == "lru"
 
 
 def test_health_lists_loaded_models(live_server):
     studio, url = live_server
     with studio.cache.use("tiny-llama"):
         pass
-    models = {m["id"]: m for m in httpx.get(url + "/health").json()["models"]}
+    models = {m["id"]: m for m in httpx.get(url + "/health").json()["cache"]["models"]}
     assert models["tiny-llama"]["state"] == "resident" and models["tiny-llama"]["bytes"] > 0
 
 
@@ -35,7 +35,7 @@ def test_preload_happens_in_the_app_lifespan(make_studio):
     studio = make_studio("--preload", "tiny-llama,tiny-qwen2")
     assert studio.cache.snapshot().models == []
     with TestClient(FastAPI(**app_kwargs(studio))) as client:  # entering runs the lifespan
-        resident = {m["id"] for m in client.get("/health").json()["models"] if m["state"] == "resident"}
+        resident = {m["id"] for m in client.get("/health").json()["cache"]["models"] if m["state"] == "resident"}
     assert resident == {"tiny-llama", "tiny-qwen2"}
 
 
@@ -50,7 +50,7 @@ def test_preload_strategy_without_a_list_loads_every_local_model(make_studio):
 @pytest.mark.parametrize("path, body, field", [
     ("/generate/text", {"prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/generate/image", {"prompt": 5}, "prompt"),
-    ("/generate/audio", {}, "text"),
+    ("/generate/speech", {}, "text"),
     ("/generate/3d", {"prompt": "a chair", "steps": "many"}, "steps"),
 ])
 def test_a_body_the_schema_refuses_is_answered_like_any_bad_input(http, path, body, field):

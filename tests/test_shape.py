@@ -14,12 +14,13 @@ import pytest
 import torch
 import trimesh
 
-from conftest import collect_rows, routes, tiny_studio
-from studio.backends.shape import (MEDIA_TYPES, ShapeInputError, ShapeRequest, export_mesh, generate_shape,
-                                   preview_mesh, turntable_gif, validate_shape)
+from conftest import call, collect_rows, routes, tiny_studio
+from studio.backends.shape import (MEDIA_TYPES, ShapeRequest, export_mesh, generate_shape, preview_mesh, turntable_gif,
+                                   validate)
+from studio.contract import InputError
 from studio.tiny.shape import marching_cubes_table
+from studio.ui import shape_tab
 from studio.ui.controls import parse_seed
-from studio.ui.shape_tab import make_shape
 
 PROMPT = "a red wooden chair"
 
@@ -52,7 +53,7 @@ def http(studio):
 @pytest.fixture(scope="module")
 def shape(studio, rows):
     """One shape with its turntable, shared by the tests that only look at it."""
-    return generate_shape(studio, ShapeRequest(prompt=PROMPT, steps=2, seed=11), client="api", endpoint="test")
+    return generate_shape(studio, ShapeRequest(prompt=PROMPT, steps=2, seed=11), call())
 
 
 def colours(mesh: trimesh.Trimesh) -> np.ndarray:
@@ -92,7 +93,7 @@ def test_tiny_pipeline_yields_a_coloured_mesh_and_turntable(shape, rows):
     assert colours(mesh).std() > 0  # real per-vertex colours, not one flat colour
     assert (shape.seed, shape.steps, shape.stopped) == (11, 2, False)
     assert len(shape.frames) == 20 and shape.frames[0].size == (32, 32)
-    row = next(r for r in rows if r["endpoint"] == "test")
+    row = next(r for r in rows if r["endpoint"] == "rest:test")
     assert (row["status"], row["modality"], row["faces"], row["steps"], row["seed"]) == (
         "ok", "3d", len(mesh.faces), 2, 11)
 
@@ -122,8 +123,9 @@ def test_preview_is_simplified_under_the_cap_with_colours(shape):
 
 
 def test_ui_path_writes_files_and_says_when_it_simplified(studio):
-    preview, gif, downloads, text = make_shape(studio, ShapeRequest(prompt=PROMPT, steps=1, seed=3, turntable=False),
-                                               max_faces=500)
+    preview, gif, downloads, text = shape_tab.make_shape(
+        shape_tab.runner(studio), ShapeRequest(prompt=PROMPT, steps=1, seed=3, turntable=False), session="s",
+        max_faces=500)
     assert gif is None and [Path(p).suffix for p in downloads] == [".glb", ".ply", ".obj"]
     full = trimesh.load(downloads[0], force="mesh")
     shown = trimesh.load(preview, force="mesh")
@@ -146,12 +148,12 @@ def test_stop_ends_between_steps_and_keeps_the_shape(studio, rows):
         if desc == "denoising: 2/6 steps":
             cancel.set()  # as the Stop button does
 
-    result = generate_shape(studio, ShapeRequest(prompt=PROMPT, steps=6, seed=4), client="ui",
-                            endpoint="stop-test", cancel=cancel, progress=progress)
+    result = generate_shape(studio, ShapeRequest(prompt=PROMPT, steps=6, seed=4),
+                            call("ui", "stop-test", cancel=cancel, progress=progress))
     assert result.stopped and result.steps == 2 and len(result.mesh.faces) > 0 and result.frames == []
     # Heun evaluates the prior 2 * 6 - 1 times; the run ended right after the evaluation that completed step 2
     assert seen[:4] == [f"denoising: {n}/6 steps" for n in (0, 1, 1, 2)] and seen[4] == "extracting the mesh"
-    assert next(r for r in rows if r["endpoint"] == "stop-test")["status"] == "stopped"
+    assert next(r for r in rows if r["endpoint"] == "ui:stop-test")["status"] == "stopped"
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -187,11 +189,11 @@ def test_bad_input_gets_4xx_naming_the_field(http, rows, body, status, field):
 
 
 def test_service_checks_fields_the_http_body_does_not_carry(studio, shape):
-    with pytest.raises(ShapeInputError, match="frame_size: must be a multiple of 32"):
-        validate_shape(studio, ShapeRequest(prompt=PROMPT, frame_size=48))
-    with pytest.raises(ShapeInputError, match="frame_size"):
-        validate_shape(studio, ShapeRequest(prompt=PROMPT, frame_size=96))  # above the tiny model's 64
-    with pytest.raises(ShapeInputError, match="format: must be one of glb, ply, obj"):
+    with pytest.raises(InputError, match="frame_size: must be a multiple of 32"):
+        validate(studio, ShapeRequest(prompt=PROMPT, frame_size=48))
+    with pytest.raises(InputError, match="frame_size"):
+        validate(studio, ShapeRequest(prompt=PROMPT, frame_size=96))  # above the tiny model's 64
+    with pytest.raises(InputError, match="format: must be one of glb, ply, obj"):
         export_mesh(shape.mesh, "stl")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -15,10 +16,10 @@ import psutil
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import call, free_port
 from studio import spaces
 from studio.config import parse_settings
-from studio.registry import DEFAULT_MODELS
+from studio.catalog import DEFAULT_MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
@@ -152,7 +153,7 @@ def test_without_zero_gpu_nothing_changes(tmp_path, monkeypatch):
     def generate(steps: int) -> int:
         return steps
 
-    assert spaces.gpu(lambda steps: spaces.image_seconds(steps, 512, 512))(generate) is generate
+    assert spaces.gpu(lambda steps: spaces.reserve(steps))(generate) is generate
     env = {"SPACES_ZERO_GPU": "true"}
     spaces.configure(env, data=tmp_path / "none")
     assert "STUDIO_DEVICE" not in env
@@ -181,16 +182,14 @@ def fake_spaces(tmp_path, monkeypatch):
 def test_on_zero_gpu_generation_runs_under_spaces_gpu(fake_spaces, tmp_path):
     assert spaces.zero_gpu()
 
-    @spaces.gpu(lambda prompt, steps, width=512, height=512: spaces.image_seconds(steps, width, height))
-    def generate(prompt: str, steps: int, width: int = 512, height: int = 512) -> str:
-        return f"{prompt}/{steps}/{width}x{height}"
+    @spaces.gpu(lambda prompt, steps: spaces.reserve(steps * 0.5))
+    def generate(prompt: str, steps: int) -> str:
+        return f"{prompt}/{steps}"
 
-    assert generate("a cat", 20) == "a cat/20/512x512"
-    assert generate("a cat", 40, width=768, height=768) == "a cat/40/768x768"
+    assert generate("a cat", 20) == "a cat/20" and generate("a cat", 40) == "a cat/40"
     import spaces as fake
 
-    assert fake.calls == [spaces.image_seconds(20, 512, 512), spaces.image_seconds(40, 768, 768)]
-    assert fake.calls[0] < fake.calls[1]
+    assert fake.calls == [spaces.reserve(10), spaces.reserve(20)] and fake.calls[0] < fake.calls[1]
 
     env = {"SPACES_ZERO_GPU": "true"}
     spaces.configure(env, data=tmp_path / "none")
@@ -202,58 +201,75 @@ def test_on_zero_gpu_generation_runs_under_spaces_gpu(fake_spaces, tmp_path):
 
 
 def test_gpu_durations_grow_with_the_request_and_are_capped():
-    assert spaces.chat_seconds(64) < spaces.chat_seconds(1024) <= spaces.MAX_GPU_SECONDS
-    assert spaces.image_seconds(4, 512, 512) < spaces.image_seconds(25, 512, 512) < spaces.image_seconds(25, 1024, 1024)
-    assert spaces.image_seconds(25, 512, 512) < spaces.image_seconds(25, 512, 512, n=4)
-    assert spaces.speech_seconds("Hi.") < spaces.speech_seconds("A longer sentence to read aloud. " * 10)
-    assert spaces.shape_seconds(16) < spaces.shape_seconds(64)
-    assert spaces.chat_seconds(10**6) == spaces.image_seconds(1000, 1024, 1024, n=8) == spaces.MAX_GPU_SECONDS
-    assert min(spaces.chat_seconds(1), spaces.speech_seconds(""), spaces.shape_seconds(1)) >= spaces.BASE_SECONDS
+    from studio.backends import chat, image, shape, speech
+
+    def reserved(module, req) -> int:
+        return spaces.reserve(module.gpu_seconds(req))
+
+    hi = [{"role": "user", "content": "hi"}]
+    assert reserved(chat, chat.ChatRequest(hi, max_new_tokens=64)) < reserved(chat, chat.ChatRequest(
+        hi, max_new_tokens=1024)) <= spaces.MAX_GPU_SECONDS
+    small, big = image.ImageRequest(prompt="x", steps=4), image.ImageRequest(prompt="x", steps=25)
+    assert reserved(image, small) < reserved(image, big) < reserved(image, image.ImageRequest(
+        prompt="x", steps=25, width=1024, height=1024))
+    assert reserved(image, big) < reserved(image, image.ImageRequest(prompt="x", steps=25, n=4))
+    assert reserved(speech, speech.SpeechRequest("Hi.")) < reserved(speech, speech.SpeechRequest("A sentence. " * 30))
+    assert reserved(shape, shape.ShapeRequest("a chair", steps=16)) < reserved(shape, shape.ShapeRequest(
+        "a chair", steps=64))
+    assert spaces.reserve(10**6) == spaces.MAX_GPU_SECONDS and spaces.reserve(0) == spaces.BASE_SECONDS
 
 
 def test_on_zero_gpu_each_generation_moves_its_model_to_the_gpu_for_the_call(fake_spaces, make_studio, monkeypatch):
-    """The UI's generation handlers and the client/MCP endpoints run under `spaces.GPU`; inside the call the
-    cache moves the model to CUDA and back to the CPU afterwards. This machine has no GPU, so the moves are
-    recorded instead of made; the models still compute (on the CPU)."""
+    """Every tab generates through its modality's Runner, and the Runner's calls (the tabs' events and the
+    client/MCP endpoints) run under `spaces.GPU`; inside the call the cache moves the model to CUDA and back to the
+    CPU afterwards. This machine has no GPU, so the moves are recorded instead of made; the models still compute
+    (on the CPU)."""
     import gradio as gr
+    from gradio_client import Client
 
     from studio import devices
-    from studio.ui import build_ui
+    from studio.backends.chat import ChatRequest
+    from studio.backends.image import ImageRequest
+    from studio.backends.shape import ShapeRequest
+    from studio.backends.speech import SpeechRequest
+    from studio.server import launch
+    from studio.ui import chat_tab, image_tab, shape_tab, speech_tab
+    import spaces as fake
 
     moves = []
     monkeypatch.setattr(devices, "move", lambda model, device: moves.append((type(model).__name__, device)))
-    studio = make_studio()
-    demo = build_ui(studio)
-    fns = {(f.fn.__module__.rsplit(".", 1)[-1], f.fn.__name__): f for f in demo.fns.values() if f.fn}
-    request, progress = gr.Request(session_hash="zero"), gr.Progress()
-    import spaces as fake
+    studio = make_studio("--port", str(free_port()))
 
-    def gpu_call(key, *args):
+    def on_gpu(run, *args, **kwargs):
         before = len(fake.calls)
-        result = fns[key].fn(*args)
-        result = list(result) if key == ("chat_tab", "run") else result
-        assert len(fake.calls) == before + 1 and fake.calls[-1] >= spaces.BASE_SECONDS, key
-        assert moves[-2:] == [(moves[-2][0], "cuda"), (moves[-2][0], "cpu")], key  # there and back, once
-        assert all(entry.moved_to is None for entry in studio.cache._entries.values())
+        result = run(*args, **kwargs)
+        result = list(result) if inspect.isgenerator(result) else result
+        assert len(fake.calls) == before + 1 and fake.calls[-1] >= spaces.BASE_SECONDS
+        assert moves[-2:] == [(moves[-2][0], "cuda"), (moves[-2][0], "cpu")]  # there and back, once
+        assert all(m.device == "cpu" for m in studio.cache.snapshot().models)
         return result
 
-    chat_model, image_model, shape_model = (studio.models(m)[0] for m in ("chat", "image", "3d"))
-    assert gpu_call(("chat_tab", "chat"), "Hello", chat_model, "", None, 4, 0.0, None, None, None, 5)
-    assert gpu_call(("chat_tab", "run"), [{"role": "user", "content": "Hi"}], chat_model, "", 4, 0.0, 1.0, 0, 1.0,
-                    "5", request, progress)[-1][0][-1]["role"] == "assistant"
-    assert gpu_call(("image_tab", "generate_image"), "a fox", "", image_model, 2, None, 64, 64, 1).path
-    form = {c: c.value for c in fns[("image_tab", "run")].inputs}
-    form[next(c for c in form if getattr(c, "label", None) == "Prompt")] = "a fox"
-    gpu_call(("image_tab", "run"), form, request, progress)  # its GPU part, `paint`, is the decorated function
-    vits = "tiny-vits"
-    assert gpu_call(("speech_tab", "generate_speech"), "Hello there.", vits).path
-    assert gpu_call(("speech_tab", "run"), "Hello there.", vits, None, "1", request, progress)[0]
-    assert gpu_call(("shape_tab", "generate_3d"), "a chair", None, 2, 1, shape_model).path
-    assert gpu_call(("shape_tab", "run"), shape_model, "a chair", 3.0, 2, 32, "1", False, request, progress)
-    assert {name for name, _ in moves} >= {"ChatModel", "ImageModel", "VitsSpeech", "ShapEModel"}
+    progress = gr.Progress()
+    hi = [{"role": "user", "content": "Hi"}]
+    assert on_gpu(chat_tab.runner(studio).stream, ChatRequest(hi, max_new_tokens=4, seed=5), "zero", progress)[-1].done
+    assert on_gpu(speech_tab.runner(studio).run, SpeechRequest("Hello there.", "tiny-vits"), "zero", progress).pieces
+    assert on_gpu(image_tab.runner(studio).run, ImageRequest(prompt="a fox", steps=1), "zero", progress).images
+    assert on_gpu(shape_tab.runner(studio).run, ShapeRequest("a chair", steps=2, turntable=False), "zero").mesh
+    assert {name for name, _ in moves} >= {"TransformersChat", "DiffusersImage", "VitsSpeech", "ShapEModel"}
+
+    demo, url = launch(studio, block=False)  # the client / MCP endpoints, called over HTTP
+    try:
+        client = Client(url, verbose=False)
+        moves.clear()
+        assert on_gpu(client.predict, "Hello", api_name="/generate_text")
+        assert on_gpu(client.predict, "Hello there.", "tiny-vits", api_name="/generate_speech")
+        assert on_gpu(client.predict, "a fox", api_name="/generate_image")
+        assert on_gpu(client.predict, "a chair", None, 2, api_name="/generate_3d")
+    finally:
+        demo.close()
 
     moves.clear()
-    with studio.generation(modality="chat", model=chat_model, client="api", endpoint="test"):
+    with studio.generation(studio.registry.get("tiny-llama"), call()):
         pass  # outside a GPU call (the HTTP routes): the model stays where the cache keeps it
     assert moves == []
 
@@ -286,7 +302,7 @@ def test_a_model_shared_by_two_calls_goes_back_after_the_last(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"), cache.use("m", run_on="cuda"):
         pass
     assert moves[-2:] == ["cuda", "cpu"]  # what a failed move had moved goes back
-    assert cache._entries["m"].moved_to is None
+    assert [m.device for m in cache.snapshot().models] == ["cpu"]
 
 
 def test_a_gpu_call_keeps_its_device_in_every_step_of_a_stream():

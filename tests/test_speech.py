@@ -4,6 +4,7 @@ Stop returns the partial clip; bad input gets a 4xx naming the field."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import threading
 
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import collect_rows, routes, tiny_studio
-from studio.backends.speech import (MAX_TEXT_CHARS, PAUSE_SECONDS, SpeechInputError, SpeechRequest, join_clips,
-                                    split_sentences, synthesize, validate_speech, wav_bytes)
-from studio.registry import UnknownModelError
+from conftest import call, collect_rows, routes, tiny_studio
+from studio.backends.speech import (MAX_TEXT_CHARS, PAUSE_SECONDS, SpeechRequest, join_clips, split_sentences,
+                                    synthesize, validate, wav_bytes)
+from studio.contract import InputError, UnknownModelError
 from studio.ui.controls import StopFlags
 
 SAMPLE_RATES = {"tiny-bark": 24_000, "tiny-vits": 16_000, "piper-joe": 22_050}  # Bark/EnCodec, MMS-TTS, Joe medium
@@ -45,8 +46,8 @@ def rows(studio, log_rows):
     return log_rows
 
 
-def speak(studio, text: str, model: str = "tiny-vits", seed: int | None = None, **kwargs):
-    return synthesize(studio, SpeechRequest(text, model, seed=seed), client="api", endpoint="test", **kwargs)
+def speak(studio, text: str, model: str = "tiny-vits", seed: int | None = None, **fields):
+    return synthesize(studio, SpeechRequest(text, model, seed=seed), call(**fields))
 
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -87,7 +88,7 @@ def test_join_puts_a_pause_between_non_empty_clips():
 
 @pytest.mark.parametrize("model", ["tiny-bark", "tiny-vits", "piper-joe"])
 def test_each_speech_model_returns_a_readable_wav(studio, model):
-    assert model in studio.models("speech")
+    assert model in studio.models("text-to-speech")
     result = speak(studio, "Hello there.", model, seed=7)
     data, rate = sf.read(io.BytesIO(wav_bytes(result)), dtype="float32")
     assert rate == result.sample_rate == SAMPLE_RATES[model]
@@ -134,9 +135,8 @@ def test_stop_ends_after_the_current_piece_with_the_partial_clip(studio, rows):
 
 def test_stop_flags_stop_only_the_request_of_that_session():
     flags = StopFlags()
-    mine, other = flags.start("mine"), flags.start("other")
-    assert flags.stop("mine") and mine.is_set() and not other.is_set()
-    flags.finish("mine", mine)
+    with flags.running("mine") as mine, flags.running("other") as other:
+        assert flags.stop("mine") and mine.is_set() and not other.is_set()
     assert not flags.stop("mine")  # nothing running there any more
 
 
@@ -152,40 +152,43 @@ def test_stop_flags_stop_only_the_request_of_that_session():
     ("Hi.", "piper-joe", "amy", None, "voice"),
     ("Hi.", "tiny-vits", None, -1, "seed"),
     ("Hi.", "tiny-llama", None, None, "model"),
+    ("Hi \ud800.", "tiny-vits", None, None, "text"),
 ])
 def test_bad_input_names_the_field(studio, http, text, model, voice, seed, field):
-    with pytest.raises(SpeechInputError, match=f"^{field}: "):
-        validate_speech(studio, SpeechRequest(text, model, voice, seed))
-    response = http.post("/generate/audio", json={"text": text, "model": model, "voice": voice, "seed": seed})
+    with pytest.raises(InputError, match=f"^{field}: "):
+        validate(studio, SpeechRequest(text, model, voice, seed))
+    body = json.dumps({"text": text, "model": model, "voice": voice, "seed": seed})  # ASCII: "\ud800" as an escape
+    response = http.post("/generate/speech", content=body, headers={"Content-Type": "application/json"})
     assert response.status_code == 422 and response.json()["detail"].startswith(f"{field}: ")
 
 
 def test_unknown_model_is_404(studio, http):
     with pytest.raises(UnknownModelError):
-        validate_speech(studio, SpeechRequest("Hi.", "no-such-model"))
-    response = http.post("/generate/audio", json={"text": "Hi.", "model": "no-such-model"})
+        validate(studio, SpeechRequest("Hi.", "no-such-model"))
+    response = http.post("/generate/speech", json={"text": "Hi.", "model": "no-such-model"})
     assert response.status_code == 404 and response.json()["detail"].startswith("model: ")
 
 
 def test_text_cap_is_accepted_at_the_limit(studio):
-    validate_speech(studio, SpeechRequest("a" * MAX_TEXT_CHARS, "tiny-vits"))
+    spec, req = validate(studio, SpeechRequest("a" * MAX_TEXT_CHARS, "tiny-vits"))
+    assert spec.id == "tiny-vits" and len(req.text) == MAX_TEXT_CHARS
 
 
 # ---------------------------------------------------------------------------------------------- HTTP and client
 
 
-def test_post_generate_audio_returns_wav(http):
-    response = http.post("/generate/audio", json={"text": THREE, "model": "tiny-vits", "seed": 3})
+def test_post_generate_speech_returns_wav(http):
+    response = http.post("/generate/speech", json={"text": THREE, "model": "tiny-vits", "seed": 3})
     assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
     data, rate = sf.read(io.BytesIO(response.content))
     assert rate == 16_000 and len(data) / rate == pytest.approx(float(response.headers["x-audio-seconds"]), abs=1e-3)
     assert response.headers["x-seed"] == "3" and response.headers["x-pieces"] == "3" and np.isfinite(data).all()
 
 
-def test_post_generate_audio_defaults_to_the_first_speech_model(http, studio):
-    response = http.post("/generate/audio", json={"text": "Hi."})
+def test_post_generate_speech_defaults_to_the_first_speech_model(http, studio):
+    response = http.post("/generate/speech", json={"text": "Hi."})
     assert response.status_code == 200
-    assert sf.info(io.BytesIO(response.content)).samplerate == SAMPLE_RATES[studio.models("speech")[0]]
+    assert sf.info(io.BytesIO(response.content)).samplerate == SAMPLE_RATES[studio.models("text-to-speech")[0]]
 
 
 def test_gradio_client_generate_speech_returns_a_wav_path(live_server):

@@ -1,6 +1,7 @@
 """The studio's own HTTP routes, served by the same app (and port, and share link) as the Gradio UI.
 
-Each module contributes an APIRouter; `build_router` puts them together. `ERROR_HANDLERS` (studio.api.errors)
+Each registered modality contributes its router (its REST route and its OpenAI-compatible routes, see
+studio.modalities); health, metrics and /v1/models are the studio's own. `ERROR_HANDLERS` (studio.api.errors)
 turns the studio's errors into HTTP answers with a message, never a 500 for bad input.
 """
 
@@ -8,17 +9,16 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from studio.api import audio, health, image, metrics, openai_compat, shape, text
+from studio import modalities
+from studio.api import health, metrics, openai
 from studio.runtime import Studio
 
 
 def build_router(studio: Studio) -> APIRouter:
     router = APIRouter()
-    router.include_router(health.router(studio))
-    router.include_router(image.router(studio))
-    router.include_router(audio.router(studio))
-    router.include_router(metrics.router(studio))
-    router.include_router(text.router(studio))
-    router.include_router(openai_compat.router(studio))
-    router.include_router(shape.router(studio))
+    for module in (health, metrics, openai):
+        router.include_router(module.router(studio))
+    for modality in modalities.registered():
+        if modality.routes:
+            router.include_router(modalities.resolve(modality.routes)(studio))
     return router

@@ -1,4 +1,5 @@
-"""GET /health: is the studio up, what it runs on, and which models are in memory."""
+"""GET /health: is the studio up, what it runs on, and which models are in memory (open to monitors: no prompts,
+outputs or secrets)."""
 
 from __future__ import annotations
 
@@ -7,35 +8,15 @@ from dataclasses import asdict
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from studio.cache import CacheSnapshot
 from studio.runtime import Studio
-
-
-class ModelInfo(BaseModel):
-    id: str
-    modality: str
-    state: str
-    bytes: int
-    pins: int
-    idle_seconds: float
-    load_seconds: float
 
 
 class Health(BaseModel):
     status: str
     profile: str
-    device: str
-    strategy: str
-    budget_bytes: int
-    used_bytes: int
-    peak_bytes: int
-    hits: int
-    misses: int
-    loads: int
-    load_failures: int
-    evictions: int
-    load_seconds: float
-    models: list[ModelInfo]
-    notice: str | None
+    notice: str | None  # why the studio fell back to the tiny profile
+    cache: CacheSnapshot
 
 
 def router(studio: Studio) -> APIRouter:
@@ -43,8 +24,7 @@ def router(studio: Studio) -> APIRouter:
 
     @api.get("/health")
     def health() -> Health:
-        snap = asdict(studio.cache.snapshot())
         return Health(status="ok", profile=studio.registry.name, notice=studio.notice,
-                      budget_bytes=snap.pop("budget_bytes"), **snap)
+                      cache=asdict(studio.cache.snapshot()))
 
     return api

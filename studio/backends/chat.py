@@ -1,64 +1,64 @@
-"""Chat models: causal language models from transformers, used with their own chat template.
+"""Chat: causal language models from transformers with their own chat template, or a model of an external
+OpenAI-compatible provider; one service behind the Chat tab, `POST /generate/text`, `/v1/chat/completions` and MCP.
 
-One service layer serves the Chat tab, `POST /generate/text` and the later OpenAI-compatible and MCP entry points:
-`stream_chat` runs `model.generate` in a thread and streams its text through a `TextIteratorStreamer`. A stopping
-criterion checked at every token ends the generation on the server as soon as the caller's `cancel` event is set
-(the session's Stop button), a stop string appears, or the consumer goes away, so a stopped request frees the model
-within a token or two. Sampling draws from a generator owned by the request, so a seed reproduces a reply even while
-other requests sample at the same time.
+`stream_chat` validates the request, then relays the loaded model's `stream`: the local `TransformersChat` runs
+`model.generate` in a thread and streams its text through a `TextIteratorStreamer`; a stopping criterion checked
+at every token ends the generation as soon as the caller's cancel event is set (the session's Stop, a client that
+went away), a stop string appears, or the consumer stops reading, so a stopped request frees the model within a
+token or two. Sampling draws from a generator owned by the request, so a seed reproduces a reply even while other
+requests sample at the same time. `ProviderChat` streams the same events from a provider's chat completions.
 """
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
+import openai
 import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextIteratorStreamer
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from studio import providers
+from studio.backends.remote import ProviderClient, calling, connect_client
+from studio.contract import InputError, ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
-from studio.runtime import Studio
+from studio.runtime import Call, Studio
 
 ROLES = ("system", "user", "assistant")
-MAX_SEED = 2**32 - 1
 MAX_STOP_STRINGS = 4
-# Used where a registry entry does not name its own defaults (`ModelSpec.options`).
-DEFAULTS = {"default_max_new_tokens": 256, "max_new_tokens": 1024, "temperature": 0.7, "top_p": 0.95, "top_k": 50,
-            "repetition_penalty": 1.1}
+MAX_MESSAGE_CHARS = 100_000  # per message; the newest one must also fit the model's context window
+CHARS_PER_TOKEN = 8  # more than any tokenizer packs: text longer than this many chars per token cannot fit
+TEMPERATURE = (0.01, 2.0)  # or exactly 0, greedy; below 0.01 the logits overflow (and it is greedy anyway)
+REPETITION_PENALTY = (0.1, 2.0)
+SECONDS_PER_TOKEN = 0.05  # GPU time per new token of a 0.5-1.1B model on a ZeroGPU slice
 
 
-@dataclass
-class ChatModel:
-    model: torch.nn.Module
-    tokenizer: object
-    context_length: int
+@dataclass(frozen=True)
+class ChatOptions(ModelOptions):
+    """A chat model's defaults and caps (a catalog entry overrides them)."""
 
-
-def load_causal_lm(spec: ModelSpec, path: Path, device: str, dtype: str) -> ChatModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    context = spec.options.get("context_length") or getattr(model.config, "max_position_embeddings", 2048)
-    return ChatModel(model, tokenizer, int(context))
+    context_length: int | None = None  # None: the model config's max_position_embeddings
+    max_new_tokens: int | None = 1024  # the cap
+    default_max_new_tokens: int | None = 256
+    temperature: float | None = 0.7
+    top_p: float | None = 0.95
+    top_k: int | None = 50
+    repetition_penalty: float | None = 1.1
 
 
 @dataclass
 class ChatRequest:
     """One chat turn: the conversation so far (ending with the user's message) and how to sample the reply.
 
-    Sampling fields left as None take the model's defaults from its registry entry. temperature 0 is greedy;
-    top_k 0 turns top-k off; seed None draws a random seed, reported back so the reply can be reproduced.
-    """
+    Sampling fields left as None take the model's defaults. temperature 0 is greedy; top_k 0 turns top-k off;
+    seed None draws a random seed, reported back so the reply can be reproduced."""
 
     messages: list[dict[str, str]]
-    model: str
+    model: str | None = None  # None: the first chat model
     system: str | None = None
     max_new_tokens: int | None = None
     temperature: float | None = None
@@ -80,11 +80,13 @@ class ChatEvent:
     seed: int | None = None
     dropped_turns: int = 0  # oldest history messages left out so the prompt fits the context window
     tokens_per_s: float | None = None
+    model: str | None = None  # the model that answered
 
 
 @dataclass
 class ChatResult:
     text: str
+    model: str
     usage: dict[str, int] = field(default_factory=dict)
     finish_reason: str = "stop"
     seed: int = 0
@@ -92,53 +94,114 @@ class ChatResult:
     tokens_per_s: float = 0.0
 
 
-def option(spec: ModelSpec, name: str):
-    """A chat model's default or cap, from its registry entry or the studio-wide fallback."""
-    return spec.options.get(name, DEFAULTS[name])
+class ChatBackend(Protocol):
+    """What the cache holds for a chat model, local or external: it streams one reply."""
+
+    def stream(self, conversation: list[dict[str, str]], req: ChatRequest, seed: int,
+               cancel: threading.Event | None) -> Iterator[ChatEvent]: ...
 
 
-def with_defaults(studio: Studio, req: ChatRequest) -> ChatRequest:
-    """Fill the sampling fields the caller left empty with the model's defaults."""
-    spec = studio.registry.get(req.model)
-    missing = {name: option(spec, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")
-               if getattr(req, name) is None}
-    if req.max_new_tokens is None:
-        missing["max_new_tokens"] = option(spec, "default_max_new_tokens")
-    return replace(req, **missing)
+# ---------------------------------------------------------------------------------------------- validation
 
 
-def validate_chat(studio: Studio, req: ChatRequest) -> None:
-    """Raise ValueError("field: message") for the first bad field; an unknown model raises UnknownModelError."""
-    spec = studio.registry.get(req.model)
-    if spec.modality != "chat":
-        raise ValueError(f"model: {req.model!r} is a {spec.modality} model, not a chat model")
-    if not isinstance(req.messages, list) or not req.messages:
-        raise ValueError("messages: must be a non-empty list of {role, content}")
+def validate(studio: Studio, req: ChatRequest) -> tuple[ModelSpec, ChatRequest]:
+    """The model and the request with its defaults filled in; raises InputError naming the first bad field."""
+    spec = studio.model(req.model, "chat")
+    opts = ChatOptions.of(spec)
+    require(isinstance(req.messages, list) and bool(req.messages), "messages",
+            "must be a non-empty list of {role, content} messages")
     for i, message in enumerate(req.messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise ValueError(f"messages[{i}].role: must be one of {', '.join(ROLES)}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}].content: must be text")
-    if req.messages[-1]["role"] != "user" or not req.messages[-1]["content"].strip():
-        raise ValueError("messages: the last message must be a non-empty user message (the prompt)")
-    if req.system is not None and not isinstance(req.system, str):
-        raise ValueError("system: must be text")
-    cap = option(spec, "max_new_tokens")
-    if req.max_new_tokens is not None and not 1 <= req.max_new_tokens <= cap:
-        raise ValueError(f"max_new_tokens: must be between 1 and {cap} for {req.model}")
-    if req.temperature is not None and not req.temperature >= 0:
-        raise ValueError("temperature: must be >= 0 (0 = greedy)")
-    if req.top_p is not None and not 0 < req.top_p <= 1:
-        raise ValueError("top_p: must be in (0, 1]")
-    if req.top_k is not None and req.top_k < 0:
-        raise ValueError("top_k: must be >= 0 (0 = off)")
-    if req.repetition_penalty is not None and not req.repetition_penalty > 0:
-        raise ValueError("repetition_penalty: must be > 0 (1 = off)")
-    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
-        raise ValueError(f"seed: must be between 0 and {MAX_SEED}")
+        require(isinstance(message, dict) and message.get("role") in ROLES, f"messages[{i}].role",
+                f"must be one of {', '.join(ROLES)}")
+        check_text(f"messages[{i}].content", message.get("content"), max_chars=MAX_MESSAGE_CHARS, required=False)
+    require(req.messages[-1]["role"] == "user" and bool(req.messages[-1]["content"].strip()), "messages",
+            "the last message must be a non-empty user message (the prompt)")
+    if req.system is not None:
+        check_text("system", req.system, max_chars=MAX_MESSAGE_CHARS, required=False)
+    if req.max_new_tokens is not None:
+        check_range("max_new_tokens", req.max_new_tokens, 1, opts.max_new_tokens, spec.id, whole=True)
+    if req.temperature is not None:
+        check_range("temperature", req.temperature, 0, TEMPERATURE[1])
+        require(req.temperature == 0 or req.temperature >= TEMPERATURE[0], "temperature",
+                f"must be 0 (greedy) or from {TEMPERATURE[0]:g} to {TEMPERATURE[1]:g}")
+    if req.top_p is not None:
+        check_range("top_p", req.top_p, 0, 1)
+        require(req.top_p > 0, "top_p", "must be above 0 and at most 1")
+    if req.top_k is not None:
+        check_range("top_k", req.top_k, 0, None, whole=True)
+    if req.repetition_penalty is not None:
+        check_range("repetition_penalty", req.repetition_penalty, *REPETITION_PENALTY)
+    check_seed(req.seed)
     stops = req.stop or []
-    if not isinstance(stops, list) or len(stops) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop: at most {MAX_STOP_STRINGS} non-empty strings")
+    require(isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stops),
+            "stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
+    if opts.context_length:
+        newest = len(req.messages[-1]["content"]) + len(req.system or "")
+        require(newest <= opts.context_length * CHARS_PER_TOKEN, "messages",
+                f"the newest message has {newest:,} characters, more than {spec.id}'s context window of "
+                f"{opts.context_length:,} tokens can hold")
+    defaults = {name: getattr(opts, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")
+                if getattr(req, name) is None}
+    if req.max_new_tokens is None:
+        defaults["max_new_tokens"] = opts.default_max_new_tokens
+    return spec, replace(req, model=spec.id, **defaults)
+
+
+def gpu_seconds(req: ChatRequest) -> float:
+    return (req.max_new_tokens or ChatOptions.default_max_new_tokens) * SECONDS_PER_TOKEN
+
+
+# ---------------------------------------------------------------------------------------------- the service
+
+
+def stream_chat(studio: Studio, req: ChatRequest, call: Call) -> Iterator[ChatEvent]:
+    """Stream the reply piece by piece, then one final event with usage, finish reason, seed and speed.
+
+    Raises InputError for bad input before anything is generated."""
+    spec, req = validate(studio, req)
+    seed = pick_seed(req.seed)
+    conversation = ([{"role": "system", "content": req.system}] if req.system else []) + [
+        {"role": m["role"], "content": m["content"]} for m in req.messages]
+    with studio.generation(spec, call) as (lease, rec):
+        rec.set(prompt=req.messages[-1]["content"], seed=seed)
+        started = time.perf_counter()
+        model: ChatBackend = lease.model
+        with closing(model.stream(conversation, req, seed, call.cancel)) as events:
+            for event in events:
+                if event.done:
+                    final = event
+                    break
+                rec.first_output()
+                yield event
+        seconds = time.perf_counter() - started
+        rec.set(**final.usage, stopped=final.finish_reason == "cancelled")
+    # The final event comes after the request is logged and the model released, so a caller that stops reading
+    # at it still counts as a finished request.
+    completion = final.usage["completion_tokens"]
+    yield replace(final, seed=seed, tokens_per_s=round(completion / seconds, 2) if seconds > 0 else 0.0, model=spec.id)
+
+
+def complete_chat(studio: Studio, req: ChatRequest, call: Call) -> ChatResult:
+    """The whole reply at once (the same path as streaming)."""
+    pieces = []
+    for event in stream_chat(studio, req, call):
+        pieces.append(event.text)
+        if event.done:
+            return ChatResult("".join(pieces), event.model, event.usage, event.finish_reason, event.seed,
+                              event.dropped_turns, event.tokens_per_s)
+    raise RuntimeError("the chat stream ended without its final event")
+
+
+# ---------------------------------------------------------------------------------------------- local models
+
+
+def load_causal_lm(spec: ModelSpec, path: Path, device: str, dtype: str) -> TransformersChat:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    context = ChatOptions.of(spec).context_length or getattr(model.config, "max_position_embeddings", 2048)
+    return TransformersChat(model, tokenizer, int(context))
 
 
 def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
@@ -150,22 +213,38 @@ def fit_history(tokenizer, messages: list[dict[str, str]], budget: int) -> tuple
     """Prompt ids that fit `budget` tokens, dropping the oldest turns first; returns (ids, messages dropped).
 
     System messages and the newest message always stay, and the kept history starts with a user turn (some
-    templates insist on it). Fails only when those alone do not fit.
-    """
-    kept = list(messages)
-    dropped = 0
-    while len(ids := prompt_ids(tokenizer, kept)) > budget:
-        oldest = next((i for i, m in enumerate(kept[:-1]) if m["role"] != "system"), None)
-        if oldest is None:
-            raise ValueError(
-                f"messages: the newest message and the system prompt take {len(ids)} tokens, more than the "
-                f"{budget} the context window leaves beside max_new_tokens; shorten them or lower max_new_tokens")
-        del kept[oldest]
-        dropped += 1
-        while oldest < len(kept) - 1 and kept[oldest]["role"] == "assistant":  # resume with a user turn
-            del kept[oldest]
-            dropped += 1
-    return ids, dropped
+    templates insist on it). Linear in the history's length: each message's text is tokenized once, the template's
+    markers are measured once on the whole conversation and spread over its messages, the oldest turns that do not
+    fit by that count go, and the template is applied again to what is kept (one more turn goes in the rare case
+    that the estimate was short). Fails only when the system messages and the newest message alone do not fit."""
+    ids = prompt_ids(tokenizer, messages)
+    if len(ids) <= budget:
+        return ids, 0
+    cost = [len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in messages]
+    markers = -(-(len(ids) - sum(cost)) // len(messages))  # template tokens per message, rounded up
+    used = sum(c + markers for m, c in zip(messages, cost) if m["role"] == "system") + cost[-1] + markers
+    start = len(messages) - 1
+    while start > 0 and (messages[start - 1]["role"] == "system" or used + cost[start - 1] + markers <= budget):
+        start -= 1
+        used += 0 if messages[start]["role"] == "system" else cost[start] + markers
+    while True:
+        start = _user_turn_from(messages, start)
+        kept = [m for m in messages[:start] if m["role"] == "system"] + messages[start:]
+        ids = prompt_ids(tokenizer, kept)
+        if len(ids) <= budget:
+            return ids, len(messages) - len(kept)
+        if start >= len(messages) - 1:
+            raise InputError("messages", f"the newest message and the system prompt take {len(ids)} tokens, more "
+                             f"than the {budget} the context window leaves beside max_new_tokens; shorten them or "
+                             "lower max_new_tokens")
+        start += 1
+
+
+def _user_turn_from(messages: list[dict[str, str]], start: int) -> int:
+    """The first index from `start` on where the kept history can begin: not with an assistant turn."""
+    while start < len(messages) - 1 and messages[start]["role"] != "user":
+        start += 1
+    return start
 
 
 class _Halt(StoppingCriteria):
@@ -226,62 +305,40 @@ class _StopStrings:
         return text
 
 
-def _generation_config(chat: ChatModel, req: ChatRequest) -> GenerationConfig:
-    """Only the model's special tokens come from its own generation config; sampling comes from the request."""
-    base = chat.model.generation_config
-    eos = base.eos_token_id if base.eos_token_id is not None else chat.tokenizer.eos_token_id
-    pad = base.pad_token_id if base.pad_token_id is not None else chat.tokenizer.pad_token_id
-    if pad is None:
-        pad = eos[0] if isinstance(eos, list) else eos
-    return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                            bos_token_id=base.bos_token_id, repetition_penalty=req.repetition_penalty)
+@dataclass
+class TransformersChat:
+    """A local causal LM and its tokenizer."""
 
+    model: torch.nn.Module
+    tokenizer: object
+    context_length: int
 
-def stream_chat(studio: Studio, req: ChatRequest, *, client: str, endpoint: str, session: str | None = None,
-                cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
-    """Stream the reply piece by piece, then one final event with usage, finish reason, seed and speed.
-
-    Raises ValueError("field: message") for bad input before anything is generated.
-    """
-    validate_chat(studio, req)
-    req = with_defaults(studio, req)
-    seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    if studio.registry.get(req.model).external:  # answered by an OpenAI-compatible provider
-        yield from providers.stream_chat(studio, req, seed, client=client, endpoint=endpoint, session=session,
-                                         cancel=cancel)
-        return
-    conversation = ([{"role": "system", "content": req.system}] if req.system else []) + [
-        {"role": m["role"], "content": m["content"]} for m in req.messages]
-    with studio.generation(modality="chat", model=req.model, client=client, endpoint=endpoint,
-                           session=session) as (lease, rec):
-        chat: ChatModel = lease.model
-        ids, dropped = fit_history(chat.tokenizer, conversation, chat.context_length - req.max_new_tokens)
-        rec.set(prompt=req.messages[-1]["content"], prompt_tokens=len(ids), seed=seed)
-        input_ids = torch.tensor([ids], device=chat.model.device)
+    def stream(self, conversation: list[dict[str, str]], req: ChatRequest, seed: int,
+               cancel: threading.Event | None) -> Iterator[ChatEvent]:
+        ids, dropped = fit_history(self.tokenizer, conversation, self.context_length - req.max_new_tokens)
+        input_ids = torch.tensor([ids], device=self.model.device)
         halt = threading.Event()
-        streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampler = [_SeededSampler(seed, req.temperature, req.top_k, req.top_p)] if req.temperature > 0 else []
         outcome: dict = {}
 
         def generate() -> None:
             try:
-                outcome["sequences"] = chat.model.generate(
+                outcome["sequences"] = self.model.generate(
                     input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    generation_config=_generation_config(chat, req), logits_processor=sampler,
+                    generation_config=self._generation_config(req), logits_processor=sampler,
                     stopping_criteria=[_Halt(cancel, halt)])
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 outcome["error"] = exc
                 streamer.end()
 
         stops = _StopStrings(req.stop)
-        started = time.perf_counter()
         worker = threading.Thread(target=generate, name=f"chat-{req.model}", daemon=True)
         worker.start()
         try:
             for piece in streamer:
                 text = stops.feed(piece)
                 if text:
-                    rec.first_output()
                     yield ChatEvent(text)
                 if stops.hit:
                     halt.set()
@@ -293,26 +350,60 @@ def stream_chat(studio: Studio, req: ChatRequest, *, client: str, endpoint: str,
             worker.join()
         if "error" in outcome:
             raise outcome["error"]
-        seconds = time.perf_counter() - started
         completion = int(outcome["sequences"].shape[1]) - len(ids)
-        cancelled = cancel is not None and cancel.is_set()
-        rec.set(completion_tokens=completion, stopped=cancelled)
-    # The final event comes after the request is logged and the model released, so a caller that stops reading
-    # at it still counts as a finished request.
-    finish = ("cancelled" if cancelled else "stop" if stops.hit
-              else "length" if completion >= req.max_new_tokens else "stop")
-    yield ChatEvent("", done=True, usage={"prompt_tokens": len(ids), "completion_tokens": completion},
-                    finish_reason=finish, seed=seed, dropped_turns=dropped,
-                    tokens_per_s=round(completion / seconds, 2) if seconds > 0 else 0.0)
+        finish = ("cancelled" if cancel is not None and cancel.is_set() else "stop" if stops.hit
+                  else "length" if completion >= req.max_new_tokens else "stop")
+        yield ChatEvent("", done=True, usage={"prompt_tokens": len(ids), "completion_tokens": completion},
+                        finish_reason=finish, dropped_turns=dropped)
+
+    def _generation_config(self, req: ChatRequest) -> GenerationConfig:
+        """Only the model's special tokens come from its own generation config; sampling comes from the request."""
+        base = self.model.generation_config
+        eos = base.eos_token_id if base.eos_token_id is not None else self.tokenizer.eos_token_id
+        pad = base.pad_token_id if base.pad_token_id is not None else self.tokenizer.pad_token_id
+        if pad is None:
+            pad = eos[0] if isinstance(eos, list) else eos
+        return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=False, eos_token_id=eos,
+                                pad_token_id=pad, bos_token_id=base.bos_token_id,
+                                repetition_penalty=req.repetition_penalty)
 
 
-def complete_chat(studio: Studio, req: ChatRequest, *, client: str, endpoint: str, session: str | None = None,
-                  cancel: threading.Event | None = None) -> ChatResult:
-    """The whole reply at once (the same path as streaming)."""
-    pieces = []
-    for event in stream_chat(studio, req, client=client, endpoint=endpoint, session=session, cancel=cancel):
-        pieces.append(event.text)
-        if event.done:
-            return ChatResult("".join(pieces), event.usage, event.finish_reason, event.seed, event.dropped_turns,
-                              event.tokens_per_s)
-    raise RuntimeError("the chat stream ended without its final event")
+# ---------------------------------------------------------------------------------------------- external models
+
+
+def connect(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> ProviderChat:
+    """The cache's loader for an external chat model: a client, no weights."""
+    return ProviderChat(*connect_client(spec))
+
+
+@dataclass
+class ProviderChat(ProviderClient):
+    """A provider's chat model: the same events, the reply streamed by the provider's chat completions."""
+
+    def stream(self, conversation: list[dict[str, str]], req: ChatRequest, seed: int,
+               cancel: threading.Event | None) -> Iterator[ChatEvent]:
+        extra = {"top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
+        sent = {name: value for name, value in (("max_tokens", req.max_new_tokens), ("temperature", req.temperature),
+                                                ("top_p", req.top_p)) if value is not None}
+        usage, finish, pieces = {}, "stop", 0
+        with calling(self), self.client.chat.completions.create(
+                model=self.model, messages=conversation, stream=True, stream_options={"include_usage": True},
+                seed=seed, stop=req.stop or openai.omit, **sent,
+                extra_body={k: v for k, v in extra.items() if v is not None} if self.provider.extensions else None,
+        ) as stream:
+            for chunk in stream:
+                if chunk.usage is not None:
+                    usage = {"prompt_tokens": chunk.usage.prompt_tokens,
+                             "completion_tokens": chunk.usage.completion_tokens}
+                for choice in chunk.choices:
+                    if choice.delta is not None and choice.delta.content:
+                        pieces += 1
+                        yield ChatEvent(choice.delta.content)
+                    if choice.finish_reason == "length":
+                        finish = "length"
+                if cancel is not None and cancel.is_set():
+                    finish = "cancelled"  # leaving the block closes the connection: the provider stops too
+                    break
+        usage = {"prompt_tokens": usage.get("prompt_tokens", 0),  # a server that sends no usage: count pieces
+                 "completion_tokens": usage.get("completion_tokens", pieces)}
+        yield ChatEvent("", done=True, usage=usage, finish_reason=finish)

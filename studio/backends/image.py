@@ -1,5 +1,5 @@
-"""Stable Diffusion text-to-image with LoRA adapters: the one code path behind the Image tab, the REST route
-and the Gradio client / MCP endpoint.
+"""Text to image: Stable Diffusion with LoRA adapters, or an external provider's image model; one service behind
+the Image tab, `POST /generate/image`, `/v1/images/generations` and the Gradio client / MCP tool.
 
 Reproducibility is the rule: each image i of a request is drawn from its own CPU generator seeded `seed + i`,
 so an image's settings (with its own seed and n=1) give that image again, on any device. Stopping sets the
@@ -9,53 +9,53 @@ image is returned.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
-import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import openai
 import torch
+from PIL import Image
 
-from studio import providers
 from studio.backends.lora import MAX_WEIGHT, LoraInfo, PipelineLoras, find, library, parse_prompt
+from studio.backends.remote import ProviderClient, ProviderError, calling, connect_client
+from studio.contract import SEED_RANGE, ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
-from studio.runtime import Studio
+from studio.runtime import Call, Studio
 
 MIN_SIZE = 64
+SIZE_STEP = 8  # the VAE scales by 8
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 4000
-SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1, as in AUTOMATIC1111
+SECONDS_PER_STEP = 0.15  # Stable Diffusion 1.5 at 512x512 in half precision on a ZeroGPU slice, plus 1 s to decode
 
 
-@dataclass(eq=False)
-class ImageModel:
-    """What the cache holds for an image model. The lock lets one generation at a time use the pipeline: its
-    scheduler and its active adapters are state of the pipeline, not of the request."""
+@dataclass(frozen=True)
+class ImageOptions(ModelOptions):
+    """An image model's defaults and caps (a catalog entry overrides them)."""
 
-    pipe: Any
-    loras: PipelineLoras = field(default_factory=PipelineLoras)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-
-def load_stable_diffusion(spec: ModelSpec, path: Path, device: str, dtype: str) -> ImageModel:
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-    pipe.set_progress_bar_config(disable=True)  # progress goes to the caller's callback instead
-    return ImageModel(pipe)
+    steps: int | None = 25
+    max_steps: int | None = 100
+    guidance: float | None = 7.5
+    width: int | None = 512
+    height: int | None = 512
+    max_size: int | None = 1024  # the largest width or height
+    negative_prompt: bool | None = True  # False: the model ignores one (no guidance), so it is refused
+    max_images: int | None = 4
 
 
 @dataclass(kw_only=True)
 class ImageRequest:
-    """Unset steps, guidance, width and height take the model's defaults (registry options)."""
+    """Fields left as None take the model's defaults."""
 
     prompt: str
     negative_prompt: str = ""
-    model: str
+    model: str | None = None  # None: the first image model
     steps: int | None = None
     guidance: float | None = None
     width: int | None = None
@@ -65,11 +65,33 @@ class ImageRequest:
     adapters: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImagePlan:
+    """A validated request: the model's defaults filled in (an external model's unset fields stay None and are not
+    sent), `<lora:>` tags taken out of the prompt, the adapters found on disk."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    steps: int | None
+    guidance: float | None
+    width: int | None
+    height: int | None
+    n: int
+    seed: int | None
+    adapters: dict[LoraInfo, float]
+
+    def settings(self) -> dict:
+        """Everything that made the images, as stored in each PNG and restored by "Use these settings"."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "adapters"}
+        return {**values, "adapters": {info.name: w for info, w in self.adapters.items()}}
+
+
 @dataclass
 class ImageResult:
     images: list  # PIL images
     seed: int  # the first image's seed; image i used (seed + i) % 2**32
-    settings: dict  # everything that made the images: prompt (without <lora:> tags), adapters, steps, ...
+    settings: dict  # ImagePlan.settings()
     stopped: bool = False
 
     def image_settings(self, index: int) -> dict:
@@ -77,22 +99,11 @@ class ImageResult:
         return {**self.settings, "seed": image_seed(self.seed, index), "n": 1}
 
 
-@dataclass(frozen=True)
-class _Plan:
-    spec: ModelSpec
-    prompt: str
-    negative_prompt: str
-    steps: int
-    guidance: float
-    width: int
-    height: int
-    n: int
-    adapters: dict[LoraInfo, float]
+class ImageBackend(Protocol):
+    """What the cache holds for an image model, local or external: it draws the plan's images."""
 
-    def settings(self, seed: int) -> dict:
-        return {"model": self.spec.id, "prompt": self.prompt, "negative_prompt": self.negative_prompt,
-                "steps": self.steps, "guidance": self.guidance, "width": self.width, "height": self.height,
-                "seed": seed, "n": self.n, "adapters": {info.name: w for info, w in self.adapters.items()}}
+    def draw(self, plan: ImagePlan, call: Call, on_output: Callable[[], None],
+             grow: Callable[[int], None]) -> list: ...
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -104,94 +115,66 @@ def list_loras(studio: Studio, refresh: bool = False) -> list[LoraInfo]:
     return list(library(studio.settings, refresh).values())
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+# ---------------------------------------------------------------------------------------------- validation
 
 
-def _plan(studio: Studio, req: ImageRequest) -> _Plan:
-    """Validate the request against the model's caps and resolve defaults and adapters."""
-    spec = studio.registry.get(req.model)  # UnknownModelError: 404 over HTTP
-    _check(spec.modality == "image", f"model: {req.model!r} is a {spec.modality} model, not an image model")
-    opts = spec.options
-    _check(isinstance(req.prompt, str) and len(req.prompt) <= MAX_PROMPT_CHARS,
-           f"prompt: must be text of at most {MAX_PROMPT_CHARS} characters")
+def validate(studio: Studio, req: ImageRequest) -> ImagePlan:
+    """Check the request against the model's caps and resolve defaults and adapters; raises InputError."""
+    spec = studio.model(req.model, "image")
+    opts = ImageOptions.of(spec)
+    check_text("prompt", req.prompt, max_chars=MAX_PROMPT_CHARS)
     prompt, tagged = parse_prompt(req.prompt)
-    _check(bool(prompt), "prompt: must not be empty")
-    negative = (req.negative_prompt or "").strip()
-    _check(len(negative) <= MAX_PROMPT_CHARS, f"negative_prompt: at most {MAX_PROMPT_CHARS} characters")
-    _check(not negative or opts.get("negative_prompt", True),
-           f"negative_prompt: {spec.id} does not use a negative prompt; leave it empty")
-    steps = opts.get("steps", 20) if req.steps is None else req.steps
-    max_steps = opts.get("max_steps", 100)
-    _check(isinstance(steps, int) and 1 <= steps <= max_steps, f"steps: must be 1 to {max_steps} for {spec.id}")
-    guidance = float(opts.get("guidance", 7.5) if req.guidance is None else req.guidance)
-    _check(0 <= guidance <= MAX_GUIDANCE, f"guidance: must be 0 to {MAX_GUIDANCE:g}")
-    max_size = opts.get("max_size", 1024)
+    require(bool(prompt), "prompt", "must not be empty (besides its <lora:> tags)")
+    negative = check_text("negative_prompt", req.negative_prompt or "", max_chars=MAX_PROMPT_CHARS,
+                          required=False).strip()
+    require(not negative or opts.negative_prompt is not False, "negative_prompt",
+            f"{spec.id} does not use a negative prompt; leave it empty")
+    steps = opts.steps if req.steps is None else req.steps
+    if steps is not None:
+        check_range("steps", steps, 1, opts.max_steps, spec.id, whole=True)
+    guidance = opts.guidance if req.guidance is None else req.guidance
+    if guidance is not None:
+        check_range("guidance", guidance, 0, MAX_GUIDANCE)
     sizes = {}
     for name, value in (("width", req.width), ("height", req.height)):
-        size = opts.get(name, 512) if value is None else value
-        _check(isinstance(size, int) and size % 8 == 0, f"{name}: must be a multiple of 8")
-        _check(MIN_SIZE <= size <= max_size, f"{name}: must be {MIN_SIZE} to {max_size} for {spec.id}")
+        size = getattr(opts, name) if value is None else value
+        if size is not None:
+            require(isinstance(size, int) and size % SIZE_STEP == 0 and MIN_SIZE <= size <= (opts.max_size or size),
+                    name, f"must be a multiple of {SIZE_STEP} from {MIN_SIZE} to {opts.max_size or 'any size'} "
+                          f"for {spec.id}")
         sizes[name] = size
-    max_images = opts.get("max_images", 4)
-    _check(isinstance(req.n, int) and 1 <= req.n <= max_images, f"n: must be 1 to {max_images}")
-    _check(req.seed is None or (isinstance(req.seed, int) and 0 <= req.seed < SEED_RANGE),
-           f"seed: must be empty (random) or 0 to {SEED_RANGE - 1}")
+    check_range("n", req.n, 1, opts.max_images, spec.id, whole=True)
+    check_seed(req.seed)
     adapters: dict[LoraInfo, float] = {}
     for name, weight in {**req.adapters, **tagged}.items():  # a <lora:> tag in the prompt wins over the field
-        _check(isinstance(weight, (int, float)) and -MAX_WEIGHT <= weight <= MAX_WEIGHT,
-               f"adapters: weight of {name!r} must be -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+        require(isinstance(weight, (int, float)) and -MAX_WEIGHT <= weight <= MAX_WEIGHT, "adapters",
+                f"the weight of {name!r} must be from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
         adapters[find(studio.settings, name)] = float(weight)
-    return _Plan(spec, prompt, negative, steps, guidance, sizes["width"], sizes["height"], req.n, adapters)
+    return ImagePlan(model=spec.id, prompt=prompt, negative_prompt=negative, steps=steps,
+                     guidance=None if guidance is None else float(guidance), width=sizes["width"],
+                     height=sizes["height"], n=req.n, seed=req.seed, adapters=adapters)
 
 
-def validate_image(studio: Studio, req: ImageRequest) -> None:
-    """Raise ValueError("field: message") for a bad request (UnknownModelError for an unknown model)."""
-    _plan(studio, req)
+def gpu_seconds(req: ImageRequest) -> float:
+    scale = (req.width or 512) * (req.height or 512) / (512 * 512)
+    return req.n * ((req.steps or ImageOptions.steps) * SECONDS_PER_STEP + 1) * scale
 
 
-def generate_images(studio: Studio, req: ImageRequest, *, client: str, endpoint: str, session: str | None = None,
-                    cancel: threading.Event | None = None,
-                    progress: Callable[[float, str], None] | None = None) -> ImageResult:
-    """Generate `req.n` images; when `cancel` is set, stop after the current step and return what exists."""
-    plan = _plan(studio, req)
-    seed = secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed
-    settings = plan.settings(seed)
-    if plan.spec.external:  # drawn by an OpenAI-compatible provider
-        return providers.generate_images(studio, settings, client=client, endpoint=endpoint, session=session,
-                                         cancel=cancel, progress=progress)
-    images: list = []
-    with studio.generation(modality="image", model=plan.spec.id, client=client, endpoint=endpoint,
-                           session=session) as (lease, rec):
-        rec.set(prompt=plan.prompt, seed=seed, steps=plan.steps, adapters=settings["adapters"])
-        model: ImageModel = lease.model
-        with model.lock:
-            model.loras.activate(model.pipe, plan.spec.id, plan.adapters,
-                                 lambda nbytes: studio.cache.grow(plan.spec.id, nbytes))
-            for index in range(plan.n):
-                if cancel is not None and cancel.is_set():
-                    break
-                images.append(_one_image(model.pipe, plan, image_seed(seed, index), index, rec, cancel, progress))
-        stopped = cancel is not None and cancel.is_set()
-        rec.set(output_pixels=plan.width * plan.height * len(images), stopped=stopped)
-    return ImageResult(images, seed, settings, stopped)
+# ---------------------------------------------------------------------------------------------- the service
 
 
-def _one_image(pipe: Any, plan: _Plan, seed: int, index: int, rec: Any, cancel: threading.Event | None,
-               progress: Callable[[float, str], None] | None):
-    def on_step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
-        rec.first_output()
-        if progress is not None:
-            done = (index * plan.steps + step + 1) / (plan.n * plan.steps)
-            progress(done, f"image {index + 1}/{plan.n} · step {step + 1}/{plan.steps}")
-        if cancel is not None and cancel.is_set():
-            pipeline._interrupt = True  # diffusers skips the remaining steps and decodes what it has
-        return tensors
-
-    return pipe(prompt=plan.prompt, negative_prompt=plan.negative_prompt or None, num_inference_steps=plan.steps,
-                guidance_scale=plan.guidance, width=plan.width, height=plan.height,
-                generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=on_step_end).images[0]
+def generate_images(studio: Studio, req: ImageRequest, call: Call) -> ImageResult:
+    """Generate `req.n` images; when the call is stopped, end after the current step and return what exists."""
+    plan = validate(studio, req)
+    plan = replace(plan, seed=pick_seed(plan.seed))
+    spec = studio.registry.get(plan.model)
+    with studio.generation(spec, call) as (lease, rec):
+        rec.set(prompt=plan.prompt, seed=plan.seed, steps=plan.steps, adapters=plan.settings()["adapters"])
+        model: ImageBackend = lease.model
+        images = model.draw(plan, call, rec.first_output, lambda nbytes: studio.cache.grow(spec.id, nbytes))
+        stopped = len(images) < plan.n or call.stopped
+        rec.set(images=len(images), output_pixels=sum(im.width * im.height for im in images), stopped=stopped)
+    return ImageResult(images, plan.seed, plan.settings(), stopped)
 
 
 def png_bytes(image: Any, settings: dict | None = None) -> bytes:
@@ -206,10 +189,88 @@ def png_bytes(image: Any, settings: dict | None = None) -> bytes:
     return buffer.getvalue()
 
 
-def default_model(studio: Studio) -> str:
-    """The first image model of the profile: the registry lists SD-Turbo (fast, few steps) first."""
-    models = studio.models("image")
-    if not models:
-        raise ValueError("model: this profile has no image model")
-    return models[0]
+# ---------------------------------------------------------------------------------------------- local models
 
+
+def load_stable_diffusion(spec: ModelSpec, path: Path, device: str, dtype: str) -> DiffusersImage:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+    pipe.set_progress_bar_config(disable=True)  # progress goes to the caller's callback instead
+    return DiffusersImage(pipe)
+
+
+@dataclass(eq=False)
+class DiffusersImage:
+    """A diffusers pipeline. The lock lets one generation at a time use it: its scheduler and its active adapters
+    are state of the pipeline, not of the request."""
+
+    pipe: Any
+    loras: PipelineLoras = field(default_factory=PipelineLoras)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def draw(self, plan: ImagePlan, call: Call, on_output: Callable[[], None],
+             grow: Callable[[int], None]) -> list:
+        images = []
+        with self.lock:
+            self.loras.activate(self.pipe, plan.model, plan.adapters, grow)
+            for index in range(plan.n):
+                if call.stopped:
+                    break
+                images.append(self._one(plan, index, call, on_output))
+        return images
+
+    def _one(self, plan: ImagePlan, index: int, call: Call, on_output: Callable[[], None]):
+        def on_step_end(pipeline: Any, step: int, _timestep: Any, tensors: dict) -> dict:
+            on_output()
+            done = (index * plan.steps + step + 1) / (plan.n * plan.steps)
+            call.report(done, f"image {index + 1}/{plan.n} · step {step + 1}/{plan.steps}")
+            if call.stopped:
+                pipeline._interrupt = True  # diffusers skips the remaining steps and decodes what it has
+            return tensors
+
+        return self.pipe(prompt=plan.prompt, negative_prompt=plan.negative_prompt or None,
+                         num_inference_steps=plan.steps, guidance_scale=plan.guidance, width=plan.width,
+                         height=plan.height, generator=torch.Generator("cpu").manual_seed(image_seed(plan.seed, index)),
+                         callback_on_step_end=on_step_end).images[0]
+
+
+# ---------------------------------------------------------------------------------------------- external models
+
+
+def connect(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> ProviderImage:
+    """The cache's loader for an external image model: a client, no weights."""
+    return ProviderImage(*connect_client(spec))
+
+
+@dataclass
+class ProviderImage(ProviderClient):
+    """A provider's image model: one call per image, with seed + i as locally, so Stop works between images.
+    Only the fields the request set (or its catalog entry) are sent; the rest is the provider's default."""
+
+    def draw(self, plan: ImagePlan, call: Call, on_output: Callable[[], None],
+             grow: Callable[[int], None]) -> list:
+        images = []
+        for index in range(plan.n):
+            if call.stopped:
+                break
+            call.report(index / plan.n, f"image {index + 1}/{plan.n} · {self.provider.name}")
+            images.append(self._one(plan, image_seed(plan.seed, index)))
+            on_output()
+        return images
+
+    def _one(self, plan: ImagePlan, seed: int) -> Image.Image:
+        extra = None
+        if self.provider.extensions:
+            wanted = {"negative_prompt": plan.negative_prompt or None, "steps": plan.steps,
+                      "guidance_scale": plan.guidance, "seed": seed,
+                      "adapters": {info.name: w for info, w in plan.adapters.items()} or None}
+            extra = {k: v for k, v in wanted.items() if v is not None}
+        size = f"{plan.width}x{plan.height}" if plan.width and plan.height else openai.omit
+        with calling(self):
+            answer = self.client.images.generate(model=self.model, prompt=plan.prompt, n=1, size=size,
+                                                 response_format="b64_json", extra_body=extra)
+        encoded = answer.data[0].b64_json if answer.data else None
+        if not encoded:
+            raise ProviderError(f"provider {self.provider.name} answered without a b64_json image")
+        return Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB")

@@ -27,6 +27,7 @@ from typing import Any
 
 from studio import devices
 from studio.config import Settings
+from studio.contract import InputError
 
 BUNDLED_DIR = Path(__file__).resolve().parents[2] / "lora_adapters"
 MAX_WEIGHT = 2.0  # |weight| above this over-saturates any adapter; A1111's sliders stop there too
@@ -35,8 +36,8 @@ _TAG = re.compile(r"<lora:([^:<>]+)(?::([^<>]*))?>")
 _RESERVED = re.compile(r"[<>:]")  # would break the <lora:name:weight> syntax
 
 
-class LoraError(ValueError):
-    """An adapter cannot be used; the message starts with the request field ("adapters: …", "prompt: …")."""
+class LoraError(InputError):
+    """An adapter cannot be used (the field is "adapters", or "prompt" for a bad `<lora:>` tag)."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,9 @@ def find(settings: Settings, name: str) -> LoraInfo:
     if info is None:
         names = sorted(n for n, i in known.items() if not i.error)
         listed = ", ".join(names[:20]) + (" …" if len(names) > 20 else "") if names else "none found"
-        raise LoraError(f"adapters: unknown adapter {name!r}; available: {listed}")
+        raise LoraError("adapters", f"unknown adapter {name!r}; available: {listed}")
     if info.error:
-        raise LoraError(f"adapters: {info.file} {info.error}")
+        raise LoraError("adapters", f"{info.file} {info.error}")
     return info
 
 
@@ -131,7 +132,7 @@ def parse_prompt(prompt: str) -> tuple[str, dict[str, float]]:
         try:
             adapters[match.group(1).strip()] = float(weight) if weight else 1.0
         except ValueError:
-            raise LoraError(f"prompt: {match.group(0)} has a weight that is not a number") from None
+            raise LoraError("prompt", f"{match.group(0)} has a weight that is not a number") from None
     return " ".join(_TAG.sub(" ", prompt).split()), adapters
 
 
@@ -139,7 +140,7 @@ def _stamp(info: LoraInfo) -> tuple[int, int]:
     try:
         stat = info.path.stat()
     except OSError:
-        raise LoraError(f"adapters: {info.file} is gone from the disk; refresh the adapter list") from None
+        raise LoraError("adapters", f"{info.file} is gone from the disk; refresh the adapter list") from None
     return stat.st_mtime_ns, stat.st_size
 
 
@@ -157,7 +158,7 @@ def _explain(info: LoraInfo, model_id: str, adapter_name: str, exc: Exception) -
         why = f"it was made for another base model ({(mismatch or lines[0])[:240]})"
     else:
         why = lines[0][:240]
-    return f"adapters: {info.file} cannot be loaded into {model_id}: {why}"
+    return f"{info.file} cannot be loaded into {model_id}: {why}"
 
 
 @contextmanager
@@ -224,7 +225,7 @@ class PipelineLoras:
         except Exception as exc:
             self._forget(pipe, adapter_name)  # leave the pipeline as it was: other adapters keep working
             grown(devices.module_bytes(pipe) - before)
-            raise LoraError(_explain(info, model_id, adapter_name, exc)) from exc
+            raise LoraError("adapters", _explain(info, model_id, adapter_name, exc)) from exc
         self.loaded[info.name] = (adapter_name, stamp)
         grown(devices.module_bytes(pipe) - before)
 

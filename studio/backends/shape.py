@@ -1,4 +1,4 @@
-"""Text-to-3D with Shap-E: the one code path behind the 3D tab, the REST route and the Gradio client / MCP endpoint.
+"""Text to 3D with Shap-E: the one service behind the 3D tab, `POST /generate/3d` and the Gradio client / MCP tool.
 
 One denoising run, two decodings. The pipeline runs with `output_type="latent"`, then its renderer decodes that
 latent into a marching-cubes mesh with vertex colours (what `output_type="mesh"` returns) and, when asked, into the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 import trimesh
 from diffusers import ShapEPipeline
 
+from studio.contract import ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
-from studio.runtime import Studio
+from studio.runtime import Call, Studio
 
 MEDIA_TYPES = {
     "glb": "model/gltf-binary",
@@ -40,7 +40,7 @@ MEDIA_TYPES = {
 PREVIEW_MAX_FACES = 100_000  # the viewer gets a simplified copy above this; downloads keep every face
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 2000  # CLIP reads the first 77 tokens; the rest is cut (diffusers warns)
-SEED_RANGE = 2**32
+SECONDS_PER_STEP = 0.2  # Shap-E's prior on a ZeroGPU slice, plus about 5 s to decode the mesh
 FRAME_STEP = 32  # the renderer casts rays in batches of 4096; 20 views of size**2 rays divide evenly for these
 # Shap-E's shapes are z-up; glTF viewers (gr.Model3D) are y-up and look down -z: stand the shape up, facing the
 # viewer (the same turn as the Shap-E demo Space applies before exporting GLB).
@@ -50,8 +50,17 @@ Y_UP = trimesh.transformations.rotation_matrix(math.pi, [0, 1, 0]) @ trimesh.tra
 _simplify_lock = threading.Lock()  # fast_simplification keeps its working mesh in module globals
 
 
-class ShapeInputError(ValueError):
-    """A request field the shape cannot be made from; the message starts with the field's name (an HTTP 422)."""
+@dataclass(frozen=True)
+class ShapeOptions(ModelOptions):
+    """A 3D model's defaults and caps (a catalog entry overrides them)."""
+
+    steps: int = 64
+    max_steps: int = 128
+    guidance: float = 15.0
+    frame_size: int = 64  # turntable frames, in pixels
+    max_frame_size: int = 256
+    grid_size: int = 128  # marching-cubes grid of the mesh
+    render_samples: tuple[int, int] = (64, 128)  # coarse and fine ray samples of the turntable
 
 
 @dataclass(eq=False)
@@ -69,14 +78,14 @@ def load_shap_e(spec: ModelSpec, path: Path, device: str, dtype: str) -> ShapEMo
 
 @dataclass
 class ShapeRequest:
-    """Unset guidance, steps and frame size take the model's defaults (registry options; 15, 64, 64 for Shap-E)."""
+    """Unset guidance, steps and frame size take the model's defaults."""
 
     prompt: str
     guidance: float | None = None
     steps: int | None = None
     frame_size: int | None = None  # turntable frame width and height in pixels
     seed: int | None = None  # None: a random seed, reported in the result
-    model: str | None = None  # None: the profile's first 3D model
+    model: str | None = None  # None: the first 3D model
     turntable: bool = True  # also render the 20 turntable frames (the REST route, which returns a mesh, skips them)
 
 
@@ -90,45 +99,26 @@ class ShapeResult:
     settings: dict = field(default_factory=dict)  # what made the shape: model, prompt, guidance, steps, seed, ...
 
 
-def default_model(studio: Studio) -> str | None:
-    """The model a request without one gets: the profile's first 3D model."""
-    models = studio.models("3d")
-    return models[0] if models else None
+def validate(studio: Studio, req: ShapeRequest) -> tuple[ModelSpec, dict]:
+    """The model and the settings with its defaults filled in; raises InputError naming the first bad field."""
+    spec = studio.model(req.model, "3d")
+    opts = ShapeOptions.of(spec)
+    prompt = check_text("prompt", req.prompt, max_chars=MAX_PROMPT_CHARS).strip()
+    guidance = opts.guidance if req.guidance is None else req.guidance
+    check_range("guidance", guidance, 0, MAX_GUIDANCE)
+    steps = opts.steps if req.steps is None else req.steps
+    check_range("steps", steps, 1, opts.max_steps, spec.id, whole=True)
+    frame_size = opts.frame_size if req.frame_size is None else req.frame_size
+    require(isinstance(frame_size, int) and FRAME_STEP <= frame_size <= opts.max_frame_size
+            and frame_size % FRAME_STEP == 0, "frame_size",
+            f"must be a multiple of {FRAME_STEP} from {FRAME_STEP} to {opts.max_frame_size} for {spec.id}")
+    check_seed(req.seed)
+    return spec, {"model": spec.id, "prompt": prompt, "guidance": float(guidance), "steps": steps,
+                  "frame_size": frame_size, "seed": req.seed}
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ShapeInputError(message)
-
-
-def _resolve(studio: Studio, req: ShapeRequest) -> tuple[ModelSpec, dict]:
-    """Validate the request against the model's caps and fill in its defaults."""
-    model = req.model or default_model(studio)
-    _check(bool(model), "model: this profile has no 3D model")
-    spec = studio.registry.get(model)  # UnknownModelError: 404 over HTTP
-    _check(spec.modality == "3d", f"model: {model!r} is a {spec.modality} model, not a 3D model")
-    opts = spec.options
-    _check(isinstance(req.prompt, str) and bool(req.prompt.strip()), "prompt: must not be empty")
-    _check(len(req.prompt) <= MAX_PROMPT_CHARS, f"prompt: at most {MAX_PROMPT_CHARS} characters")
-    guidance = opts.get("guidance", 15.0) if req.guidance is None else req.guidance
-    _check(isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE,
-           f"guidance: must be 0 to {MAX_GUIDANCE:g}")
-    steps = opts.get("steps", 64) if req.steps is None else req.steps
-    max_steps = opts.get("max_steps", 128)
-    _check(isinstance(steps, int) and 1 <= steps <= max_steps, f"steps: must be 1 to {max_steps} for {spec.id}")
-    frame_size = opts.get("frame_size", 64) if req.frame_size is None else req.frame_size
-    max_frame = opts.get("max_frame_size", 256)
-    _check(isinstance(frame_size, int) and FRAME_STEP <= frame_size <= max_frame and frame_size % FRAME_STEP == 0,
-           f"frame_size: must be a multiple of {FRAME_STEP} from {FRAME_STEP} to {max_frame} for {spec.id}")
-    _check(req.seed is None or (isinstance(req.seed, int) and 0 <= req.seed < SEED_RANGE),
-           f"seed: must be empty (random) or 0 to {SEED_RANGE - 1}")
-    return spec, {"model": spec.id, "prompt": req.prompt.strip(), "guidance": float(guidance), "steps": steps,
-                  "frame_size": frame_size}
-
-
-def validate_shape(studio: Studio, req: ShapeRequest) -> None:
-    """Raise ShapeInputError("field: message") for a bad request (UnknownModelError for an unknown model)."""
-    _resolve(studio, req)
+def gpu_seconds(req: ShapeRequest) -> float:
+    return (req.steps or ShapeOptions.steps) * SECONDS_PER_STEP + 5
 
 
 class _SteppedShapE(ShapEPipeline):
@@ -162,20 +152,16 @@ class _SteppedShapE(ShapEPipeline):
             self._on_step(done + 1, len(iterable))
 
 
-def generate_shape(studio: Studio, req: ShapeRequest, *, client: str, endpoint: str, session: str | None = None,
-                   cancel: threading.Event | None = None,
-                   progress: Callable[[float, str], None] | None = None) -> ShapeResult:
-    """Make a coloured mesh (and turntable frames) from text; when `cancel` is set, stop after the current step
+def generate_shape(studio: Studio, req: ShapeRequest, call: Call) -> ShapeResult:
+    """Make a coloured mesh (and turntable frames) from text; when the call is stopped, end after the current step
     and decode the shape denoised so far."""
-    spec, settings = _resolve(studio, req)
-    seed = secrets.randbelow(SEED_RANGE) if req.seed is None else req.seed
-    settings["seed"] = seed
-    report = progress or (lambda _fraction, _desc: None)
+    spec, settings = validate(studio, req)
+    opts = ShapeOptions.of(spec)
+    seed = settings["seed"] = pick_seed(settings["seed"])
     steps = settings["steps"]
     done = 0
 
-    with studio.generation(modality="3d", model=spec.id, client=client, endpoint=endpoint, session=session) as (
-            lease, rec):
+    with studio.generation(spec, call) as (lease, rec):
         rec.set(prompt=settings["prompt"], seed=seed, steps=steps)
 
         def on_step(evaluations: int, total: int) -> None:
@@ -184,27 +170,27 @@ def generate_shape(studio: Studio, req: ShapeRequest, *, client: str, endpoint: 
             nonlocal done
             done = evaluations * steps // total
             rec.first_output()
-            report(0.8 * evaluations / total, f"denoising: {done}/{steps} steps")
+            call.report(0.8 * evaluations / total, f"denoising: {done}/{steps} steps")
 
         model: ShapEModel = lease.model
-        run = _SteppedShapE.run_of(model.pipe, on_step, cancel)
+        run = _SteppedShapE.run_of(model.pipe, on_step, call.cancel)
         latents = run(settings["prompt"], num_inference_steps=steps, guidance_scale=settings["guidance"],
                       generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
         renderer, device = model.pipe.shap_e_renderer, model.pipe.device
         with model.decode_lock:
-            report(0.8, "extracting the mesh")
-            raw = renderer.decode_to_mesh(latents[:1], device, grid_size=spec.options.get("grid_size", 128))
-            stopped = cancel is not None and cancel.is_set()
+            call.report(0.8, "extracting the mesh")
+            raw = renderer.decode_to_mesh(latents[:1], device, grid_size=opts.grid_size)
+            stopped = call.stopped
             frames = []
             if req.turntable and not stopped:  # a Stop during the denoising or the mesh skips the turntable
-                report(0.9, "rendering the turntable")
-                coarse, fine = spec.options.get("render_samples", (64, 128))
+                call.report(0.9, "rendering the turntable")
+                coarse, fine = opts.render_samples
                 images = renderer.decode_to_image(latents[:1], device, size=settings["frame_size"],
                                                   n_coarse_samples=coarse, n_fine_samples=fine)
                 frames = ShapEPipeline.numpy_to_pil(images.float().cpu().numpy())
         mesh = _to_trimesh(raw)
         rec.set(steps=done, faces=len(mesh.faces), stopped=stopped)
-    report(1.0, "done")
+    call.report(1.0, "done")
     return ShapeResult(mesh, seed, frames, done, stopped, settings)
 
 
@@ -219,7 +205,7 @@ def _to_trimesh(raw: Any) -> trimesh.Trimesh:
 
 def export_mesh(mesh: trimesh.Trimesh, fmt: str) -> bytes:
     """The mesh as a GLB, PLY (binary) or OBJ file, vertex colours included."""
-    _check(fmt in MEDIA_TYPES, f"format: must be one of {', '.join(MEDIA_TYPES)}")
+    require(fmt in MEDIA_TYPES, "format", f"must be one of {', '.join(MEDIA_TYPES)}")
     data = mesh.export(file_type=fmt)
     return data.encode() if isinstance(data, str) else data
 

@@ -1,10 +1,10 @@
-"""Text to speech: Bark, MMS-TTS (VITS) and the offline Piper voice, behind one service function.
+"""Text to speech: Bark, MMS-TTS (VITS), the offline Piper voice or an external provider's voice, behind one
+service behind the Speech tab, `POST /generate/speech`, `/v1/audio/speech` and the Gradio client / MCP tool.
 
-`synthesize` serves the Speech tab, `POST /generate/audio`, the Gradio client / MCP endpoint and the OpenAI-compatible
-`/v1/audio/speech`. Long text is split into sentences (a sentence longer than the model's per-call limit is split
-again at a comma or a space), each piece is spoken in order and the pieces are joined with a short silence. Bark
-speaks about 13 seconds per call, so this is what makes long text possible at all; for every model it gives a
-progress bar that counts pieces and a Stop that ends the request after the current piece with the clip made so far.
+Long text is split into sentences (a sentence longer than the model's per-call limit is split again at a comma or
+a space), each piece is spoken in order and the pieces are joined with a short silence. Bark speaks about 13 seconds
+per call, so this is what makes long text possible at all; for every model it gives a progress bar that counts
+pieces and a Stop that ends the request after the current piece with the clip made so far.
 
 Each loader returns a dataclass (so the cache can measure its torch modules) with one method,
 `speak(text, voice, seed) -> float32 samples`: the only place that knows the model's own calling convention.
@@ -13,25 +13,27 @@ Each loader returns a dataclass (so the cache can measure its torch modules) wit
 from __future__ import annotations
 
 import io
-import random
 import re
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Iterator
 
 import numpy as np
+import openai
+import soundfile
 import torch
 
+from studio.backends.remote import ProviderClient, ProviderError, calling, connect_client
+from studio.contract import SEED_RANGE, InputError, ModelOptions, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
-from studio.runtime import Studio
+from studio.runtime import Call, Studio
 
 MAX_TEXT_CHARS = 2000  # per request; documented in the README and the API schema
-MAX_SEED = 2**32 - 1
-DEFAULT_PIECE_CHARS = 400  # per model call, where the registry entry names no `max_piece_chars`
 PAUSE_SECONDS = 0.25  # silence between two pieces
+CHARS_PER_SECOND = 15  # speech runs about this fast; Bark, the slowest voice, generates a little faster
 
 # Sentence ends: . ! ? … followed by a space (optionally after a closing quote or bracket), CJK full stops
 # without a space, and line breaks.
@@ -43,14 +45,22 @@ _SOFT_BREAK = re.compile(r"[,;:—–]\s")
 _GLOBAL_RNG = threading.Lock()
 
 
-class SpeechInputError(ValueError):
-    """Input the request cannot be spoken from; the message starts with the field's name (an HTTP 422)."""
+@dataclass(frozen=True)
+class SpeechOptions(ModelOptions):
+    """A voice model's defaults and caps (a catalog entry overrides them)."""
+
+    voices: tuple[str, ...] | None = ()  # the values `voice` takes; empty: one voice
+    default_voice: str | None = None
+    max_piece_chars: int | None = 400  # per model call
+    cues: bool | None = False  # understands Bark's [laughs], ♪ and the like
+    seeded: bool | None = True  # False: the model takes no seed (Piper, an external provider)
+    semantic_max_new_tokens: int | None = None  # Bark: None is the model's own limit (768 tokens, about 15 s)
 
 
 @dataclass
 class SpeechRequest:
     text: str
-    model: str
+    model: str | None = None  # None: the first text-to-speech model
     voice: str | None = None  # None: the model's default voice
     seed: int | None = None  # None: a random seed, reported back (models that do not sample ignore it)
 
@@ -76,11 +86,10 @@ class BarkSpeech:
     processor: Any
     sample_rate: int
     semantic_max_new_tokens: int | None  # None: the model's own limit (768 tokens, about 15 s)
-    seeded: ClassVar[bool] = True
 
     def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
         if voice is not None and voice not in self.processor.available_voice_presets:
-            raise SpeechInputError(f"voice: {voice!r} is not among this checkpoint's voice presets")
+            raise InputError("voice", f"{voice!r} is not among this checkpoint's voice presets")
         inputs = self.processor(text, voice_preset=voice)
         history = inputs.pop("history_prompt", None)
         device = self.model.device
@@ -98,7 +107,6 @@ class VitsSpeech:
     model: torch.nn.Module
     tokenizer: Any
     sample_rate: int
-    seeded: ClassVar[bool] = True
 
     def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
         inputs = self.tokenizer(text, return_tensors="pt").to(self.model.device)
@@ -111,8 +119,7 @@ class VitsSpeech:
 @dataclass
 class PiperSpeech:
     voice: Any  # piper.PiperVoice: an onnxruntime session, no torch modules (the cache keeps the size estimate)
-    sample_rate: int
-    seeded: ClassVar[bool] = False  # its noise is drawn inside the ONNX graph, which takes no seed
+    sample_rate: int  # its noise is drawn inside the ONNX graph, which takes no seed (options: seeded=False)
 
     def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
         chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text)]
@@ -122,12 +129,12 @@ class PiperSpeech:
 def load_bark(spec: ModelSpec, path: Path, device: str, dtype: str) -> BarkSpeech:
     from transformers import BarkModel, BarkProcessor
 
+    opts = SpeechOptions.of(spec)
     # Voice presets (history prompts) live beside the weights, listed in speaker_embeddings_path.json.
-    presets = "speaker_embeddings_path.json" if spec.options.get("voices") else None
+    presets = "speaker_embeddings_path.json" if opts.voices else None
     processor = BarkProcessor.from_pretrained(path, speaker_embeddings_dict_path=presets)
     model = BarkModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
-    return BarkSpeech(model, processor, int(model.generation_config.sample_rate),
-                      spec.options.get("semantic_max_new_tokens"))
+    return BarkSpeech(model, processor, int(model.generation_config.sample_rate), opts.semantic_max_new_tokens)
 
 
 def load_vits(spec: ModelSpec, path: Path, device: str, dtype: str) -> VitsSpeech:
@@ -185,67 +192,53 @@ def _break_point(sentence: str, max_chars: int) -> int:
     return space if space > 0 else max_chars
 
 
-# ---------------------------------------------------------------------------------------------- service
+# ---------------------------------------------------------------------------------------------- the service
 
 
-def default_model(studio: Studio) -> str | None:
-    """The model a request without one gets: the profile's first speech model."""
-    models = studio.models("speech")
-    return models[0] if models else None
-
-
-def validate_speech(studio: Studio, req: SpeechRequest) -> None:
-    """Raise SpeechInputError("field: message") for bad input; an unknown model raises UnknownModelError (404)."""
-    spec = studio.registry.get(req.model)
-    if spec.modality != "speech":
-        raise SpeechInputError(f"model: {req.model!r} is a {spec.modality} model; speech models: "
-                               f"{', '.join(studio.models('speech'))}")
-    if not isinstance(req.text, str) or not req.text.strip():
-        raise SpeechInputError("text: must not be empty")
-    if len(req.text) > MAX_TEXT_CHARS:
-        raise SpeechInputError(f"text: {len(req.text)} characters, more than the limit of {MAX_TEXT_CHARS}")
-    if not any(ch.isalnum() for ch in req.text):
-        raise SpeechInputError("text: has no letters or digits to speak")
-    voices = list(spec.options.get("voices", []))
-    if req.voice is not None and req.voice not in voices:
+def validate(studio: Studio, req: SpeechRequest) -> tuple[ModelSpec, SpeechRequest]:
+    """The model and the request with its default voice; raises InputError naming the first bad field."""
+    spec = studio.model(req.model, "text-to-speech")
+    opts = SpeechOptions.of(spec)
+    check_text("text", req.text, max_chars=MAX_TEXT_CHARS)
+    require(any(ch.isalnum() for ch in req.text), "text", "has no letters or digits to speak")
+    voices = list(opts.voices or ())
+    if req.voice is not None and opts.voices is not None:
         known = f"one of {', '.join(voices)}" if voices else "none (this model has a single voice; leave it out)"
-        raise SpeechInputError(f"voice: {req.voice!r} is not a voice of {spec.id}; expected {known}")
-    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
-        raise SpeechInputError(f"seed: must be between 0 and {MAX_SEED}")
+        require(req.voice in voices, "voice", f"{req.voice!r} is not a voice of {spec.id}; expected {known}")
+    check_seed(req.seed)
+    return spec, SpeechRequest(req.text, spec.id, req.voice or opts.default_voice, req.seed)
 
 
-def synthesize(studio: Studio, req: SpeechRequest, *, client: str, endpoint: str, session: str | None = None,
-               cancel: threading.Event | None = None,
-               progress: Callable[[float, str], None] | None = None) -> SpeechResult:
-    """Speak `req.text` piece by piece; a set `cancel` ends it after the current piece with the clip so far."""
-    validate_speech(studio, req)
-    spec = studio.registry.get(req.model)
-    voice = req.voice or spec.options.get("default_voice")
-    pieces = split_sentences(req.text, int(spec.options.get("max_piece_chars", DEFAULT_PIECE_CHARS)))
-    with studio.generation(modality="speech", model=req.model, client=client, endpoint=endpoint, session=session,
-                           voice=voice) as (lease, rec):
+def gpu_seconds(req: SpeechRequest) -> float:
+    return len(req.text or "") / CHARS_PER_SECOND
+
+
+def synthesize(studio: Studio, req: SpeechRequest, call: Call) -> SpeechResult:
+    """Speak `req.text` piece by piece; a stopped call ends after the current piece with the clip so far."""
+    spec, req = validate(studio, req)
+    opts = SpeechOptions.of(spec)
+    pieces = split_sentences(req.text, opts.max_piece_chars or MAX_TEXT_CHARS)
+    seed = pick_seed(req.seed) if opts.seeded else None
+    with studio.generation(spec, call, voice=req.voice) as (lease, rec):
         speech = lease.model
-        seed = (req.seed if req.seed is not None else random.randint(0, MAX_SEED)) if speech.seeded else None
         rec.set(prompt=req.text, seed=seed)
         started = time.perf_counter()
         clips = []
         for index, piece in enumerate(pieces):
-            if cancel is not None and cancel.is_set():
+            if call.stopped:
                 break
-            if progress is not None:
-                progress(index / len(pieces), f"Speaking piece {index + 1} of {len(pieces)}")
-            clips.append(speech.speak(piece, voice, None if seed is None else (seed + index) % (MAX_SEED + 1)))
+            call.report(index / len(pieces), f"Speaking piece {index + 1} of {len(pieces)}")
+            clips.append(speech.speak(piece, req.voice, None if seed is None else (seed + index) % SEED_RANGE))
             rec.first_output()
         audio = join_clips(clips, speech.sample_rate)
         stopped = len(clips) < len(pieces)
         if not stopped and audio.size == 0:
-            raise SpeechInputError(f"text: {spec.id} can speak none of these characters")
+            raise InputError("text", f"{spec.id} can speak none of these characters")
         seconds = audio.size / speech.sample_rate
         rtf = (time.perf_counter() - started) / seconds if seconds else 0.0
         result = SpeechResult(audio, speech.sample_rate, seconds, rtf, len(clips), len(pieces), seed, stopped)
         rec.set(audio_seconds=round(seconds, 3), pieces=len(clips), stopped=stopped)
-    if progress is not None:
-        progress(1.0, "Stopped" if stopped else "Done")
+    call.report(1.0, "Stopped" if stopped else "Done")
     return result
 
 
@@ -260,8 +253,34 @@ def join_clips(clips: list[np.ndarray], sample_rate: int) -> np.ndarray:
 
 def wav_bytes(result: SpeechResult) -> bytes:
     """16-bit PCM WAV, the format every player and `soundfile` read."""
-    import soundfile
-
     buffer = io.BytesIO()
     soundfile.write(buffer, np.clip(result.audio, -1.0, 1.0), result.sample_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- external models
+
+
+def connect(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> ProviderSpeech:
+    """The cache's loader for an external voice: a client, no weights."""
+    return ProviderSpeech(*connect_client(spec))
+
+
+@dataclass
+class ProviderSpeech(ProviderClient):
+    """A provider's voice, with the speech service's model interface (`speak`, `sample_rate`), so long text is
+    split, spoken piece by piece, stopped and logged exactly as with a local voice. The OpenAI speech API takes no
+    seed: an external voice's `seeded` option is unset."""
+
+    sample_rate: int = 24_000  # OpenAI's rate until the provider's first answer tells its own
+
+    def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
+        with calling(self):  # no voice set: the provider's default (the API marks it required; servers differ)
+            answer = self.client.audio.speech.create(model=self.model, input=text, voice=voice or openai.omit,
+                                                     response_format="wav")
+        try:
+            audio, rate = soundfile.read(io.BytesIO(answer.content), dtype="float32", always_2d=True)
+        except (RuntimeError, soundfile.LibsndfileError) as exc:
+            raise ProviderError(f"provider {self.provider.name} answered with audio that is not WAV: {exc}") from exc
+        self.sample_rate = int(rate)  # one model always answers at one rate
+        return audio.mean(axis=1)

@@ -22,11 +22,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from pandas.api.types import union_categoricals
 
+from studio import modalities
 from studio.config import SPACES_DATA
-from studio.telemetry.requestlog import CACHE_COLUMNS, COLUMNS
+from studio.telemetry.requestlog import CACHE_COLUMNS, columns
 
-NUMERIC = ("queue_ms", "latency_ms", "ttft_ms", "load_ms", "prompt_tokens", "completion_tokens", "steps",
-           "output_pixels", "audio_seconds", "faces", "peak_memory_bytes", "prompt_chars")
+BASE_NUMERIC = ("queue_ms", "latency_ms", "ttft_ms", "load_ms", "steps", "peak_memory_bytes", "prompt_chars")
 CATEGORICAL = ("client", "endpoint", "modality", "model", "status", "error_type", "cache")
 CACHE_CATEGORICAL = ("event", "model", "error_type")
 FIGURES = ("requests", "latency", "chat", "errors", "cache", "adapters")
@@ -67,8 +67,13 @@ def _frame(rows: list[dict], columns: Sequence[str], numeric: Sequence[str],
     return df
 
 
+def numeric() -> tuple[str, ...]:
+    """The request columns read as numbers: timings and sizes, and every modality's output columns."""
+    return (*BASE_NUMERIC, *modalities.log_columns())
+
+
 def requests_frame(rows: list[dict]) -> pd.DataFrame:
-    return _frame(rows, COLUMNS, NUMERIC, CATEGORICAL)
+    return _frame(rows, columns(), numeric(), CATEGORICAL)
 
 
 def cache_frame(rows: list[dict]) -> pd.DataFrame:
@@ -269,14 +274,15 @@ def adapter_table(df: pd.DataFrame, top: int = 10) -> pd.DataFrame:
 
 
 def totals(df: pd.DataFrame, events: pd.DataFrame) -> dict[str, float | int | None]:
-    """Totals for the period."""
+    """Totals for the period: requests, outcomes, latency and the cache, then each modality's own figures
+    (`Modality.totals`, keyed by their labels)."""
     ok = df["status"] == "ok"
     n = len(df)
     errors = int((df["status"] == "error").sum())
     hits = int((df["cache"] == "hit").sum())
     served = hits + int((df["cache"] == "load").sum())
     latency = df["latency_ms"][ok]
-    return {
+    result: dict[str, float | int | None] = {
         "requests": n,
         "ok": int(ok.sum()),
         "errors": errors,
@@ -285,15 +291,16 @@ def totals(df: pd.DataFrame, events: pd.DataFrame) -> dict[str, float | int | No
         "models": int(df["model"].nunique()),
         "p50_ms": float(latency.quantile(0.5)) if len(latency.dropna()) else None,
         "p95_ms": float(latency.quantile(0.95)) if len(latency.dropna()) else None,
-        "prompt_tokens": int(df["prompt_tokens"].sum()),
-        "completion_tokens": int(df["completion_tokens"].sum()),
-        "images": int((ok & (df["modality"] == "image")).sum()),
-        "audio_seconds": float(df["audio_seconds"][ok].sum()),
-        "meshes": int((ok & (df["modality"] == "3d")).sum()),
         "cache_hit_rate": hits / served if served else None,
         "loads": int((events["event"] == "load").sum()),
         "evictions": int((events["event"] == "evict").sum()),
     }
+    for modality in modalities.registered():
+        rows = ok & (df["modality"] == modality.name)
+        for total in modality.totals:
+            value = rows.sum() if total.column is None else df.loc[rows, total.column].sum()
+            result[total.label] = float(value) if total.column else int(value)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- figures

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
-from studio.cache import ModelCache
+from studio.cache import CacheEvent, ModelCache
 from studio.telemetry.requestlog import RequestLog
 
 # Generations run from milliseconds (a tiny model, a warm hit) to minutes (a large image batch on a CPU).
@@ -94,18 +94,17 @@ class Metrics:
             if completion > 1 and latency is not None and first is not None and latency > first:
                 self.per_token.labels(model).observe((latency - first) / 1000 / (completion - 1))
 
-    def observe_cache_event(self, event: str, details: dict) -> None:
+    def observe_cache_event(self, event: CacheEvent) -> None:
         """A ModelCache listener."""
-        model = details.get("model") or "unknown"
-        if event == "hit":
-            self.cache_hits.labels(model).inc()
-        elif event == "load":
-            self.loads.labels(model, "ok").inc()
-            self.load_duration.labels(model).observe(details.get("seconds") or 0.0)
-        elif event == "load_failed":
-            self.loads.labels(model, "failed").inc()
-        elif event == "evict":
-            self.evictions.labels(model).inc()
+        if event.kind == "hit":
+            self.cache_hits.labels(event.model).inc()
+        elif event.kind == "load":
+            self.loads.labels(event.model, "ok").inc()
+            self.load_duration.labels(event.model).observe(event.seconds or 0.0)
+        elif event.kind == "load_failed":
+            self.loads.labels(event.model, "failed").inc()
+        elif event.kind == "evict":
+            self.evictions.labels(event.model).inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text format."""

@@ -11,8 +11,9 @@ loads and evictions). Each row is one self-describing JSON object on one line, s
   invalid line: the reader skips and counts it, and the next writer starts a fresh line after it;
 - `pandas.read_json(path, lines=True)` reads a file directly.
 
-Every row has the same columns (`COLUMNS`); fields a caller sets that are not columns go into `extra`. Prompts
-are personal data: the text is stored only with `--log-prompts`, otherwise only its length and SHA-256.
+Every row has the same columns (`columns()`: the common ones, then those the registered modalities declare);
+fields a caller sets that are not columns go into `extra`. Prompts are personal data: the text is stored only
+with `--log-prompts`, otherwise only its length and SHA-256.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from typing import Any, Callable, Iterator, Mapping
 import orjson
 import psutil
 
+from studio import modalities
+from studio.cache import CacheEvent
+
 try:
     import fcntl
 except ImportError:  # Windows: O_APPEND alone orders writes from several processes
@@ -43,14 +47,18 @@ logger = logging.getLogger(__name__)
 # X-Request-ID response header.
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
-COLUMNS: tuple[str, ...] = (
+BASE_COLUMNS: tuple[str, ...] = (
     "ts", "request_id", "client", "session", "endpoint", "modality", "model", "adapters", "status", "error_type",
-    "queue_ms", "latency_ms", "ttft_ms", "load_ms", "prompt_tokens", "completion_tokens", "steps", "seed",
-    "output_pixels", "audio_seconds", "faces", "cache", "peak_memory_bytes", "prompt_chars", "prompt_sha256",
-    "prompt", "external", "extra",
+    "queue_ms", "latency_ms", "ttft_ms", "load_ms", "steps", "seed", "cache", "peak_memory_bytes", "prompt_chars",
+    "prompt_sha256", "prompt", "external",
 )
 CACHE_COLUMNS: tuple[str, ...] = ("ts", "event", "model", "seconds", "bytes", "error_type")
 _ENCODE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
+def columns() -> tuple[str, ...]:
+    """Every request row's columns: the common ones, each registered modality's outputs, then `extra`."""
+    return (*BASE_COLUMNS, *(c for c in modalities.log_columns() if c not in BASE_COLUMNS), "extra")
 
 
 def utc_stamp(when: datetime) -> str:
@@ -70,9 +78,6 @@ class JsonlWriter:
         self._fd: int | None = None
         self._day: int | None = None
         self._synced = time.monotonic()
-
-    def path_for(self, when: datetime) -> Path:
-        return self.folder / f"{self.prefix}-{when.astimezone(timezone.utc):%Y-%m-%d}.jsonl"
 
     def write(self, row: Mapping[str, Any]) -> None:
         """Append one row to today's (UTC) file; raises OSError when the disk refuses it.
@@ -104,7 +109,7 @@ class JsonlWriter:
             self._close()
         if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)  # the folder may have been removed while we ran
-            path = self.path_for(datetime.fromtimestamp(day * 86400, timezone.utc))
+            path = self.folder / f"{self.prefix}-{datetime.fromtimestamp(day * 86400, timezone.utc):%Y-%m-%d}.jsonl"
             self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             self._day = day
         return self._fd
@@ -210,16 +215,12 @@ class RequestLog:
         self._listeners: list[Callable[[dict], None]] = []
         self.write_errors = 0
 
-    def path_for(self, when: datetime) -> Path:
-        """The requests file of `when`'s UTC day."""
-        return self._requests.path_for(when)
-
     def add_listener(self, callback: Callable[[dict], None]) -> None:
         """Called with every row after it is written (metrics feed on them)."""
         self._listeners.append(callback)
 
     def shape(self, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """A row with exactly COLUMNS: the prompt becomes length + hash (+ text with --log-prompts), unknown
+        """A row with exactly `columns()`: the prompt becomes length + hash (+ text with --log-prompts), unknown
         fields go into `extra`."""
         fields = dict(fields)
         prompt = fields.pop("prompt", None)
@@ -228,8 +229,9 @@ class RequestLog:
             fields.update(prompt_chars=len(text), prompt_sha256=hashlib.sha256(text.encode()).hexdigest(),
                           prompt=text if self.log_prompts else None)
         fields["adapters"] = _adapters(fields.get("adapters"))
-        extra = {k: v for k, v in fields.items() if k not in COLUMNS}
-        row = {column: fields.get(column) for column in COLUMNS}
+        names = columns()
+        extra = {k: v for k, v in fields.items() if k not in names}
+        row = {column: fields.get(column) for column in names}
         row["extra"] = {**(fields.get("extra") or {}), **extra} or None
         return row
 
@@ -282,12 +284,12 @@ class RequestLog:
                 "peak_memory_bytes": self._memory.stop(),
             })
 
-    def cache_event(self, event: str, details: dict) -> None:
+    def cache_event(self, event: CacheEvent) -> None:
         """A ModelCache listener: loads, failed loads and evictions go to the cache log (hits are in the rows)."""
-        if event == "hit":
+        if event.kind == "hit":
             return
-        row = {"ts": utc_stamp(datetime.now(timezone.utc)), "event": event, "model": details.get("model"),
-               "seconds": details.get("seconds"), "bytes": details.get("bytes"), "error_type": details.get("error")}
+        row = {"ts": utc_stamp(datetime.now(timezone.utc)), "event": event.kind, "model": event.model,
+               "seconds": event.seconds, "bytes": event.bytes, "error_type": event.error}
         try:
             self._cache.write(row)
         except OSError as exc:

@@ -1,14 +1,13 @@
-"""The Gradio Blocks app: one tab per modality, plus Analytics and Models. Each tab lives in its own module."""
+"""The Gradio Blocks app: a tab per registered modality (modalities with the same title share one tab, a sub-tab
+each), then Analytics and Models. Each tab lives in its own module."""
 
 from __future__ import annotations
 
 import gradio as gr
 
+from studio import modalities
 from studio.runtime import Studio
-from studio.ui import analytics_tab, chat_tab, image_tab, models_tab, shape_tab, speech_tab
-
-TABS = (("Chat", chat_tab), ("Speech", speech_tab), ("Image", image_tab), ("3D", shape_tab),
-        ("Analytics", analytics_tab), ("Models", models_tab))
+from studio.ui import analytics_tab, models_tab
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -16,7 +15,20 @@ def build_ui(studio: Studio) -> gr.Blocks:
         gr.Markdown("# GenAI Studio\nChat, speech, images with LoRA adapters and 3D, from models on this machine.")
         if studio.notice:
             gr.Markdown(f"> **Offline mode.** {studio.notice}", elem_id="profile-notice")
-        for title, module in TABS:
+        tabs: dict[str, list[modalities.Modality]] = {}
+        for modality in modalities.registered():
+            if modality.tab:
+                tabs.setdefault(modality.title, []).append(modality)
+        for title, members in tabs.items():
             with gr.Tab(title, id=title.lower()):
-                module.build(studio)
+                if len(members) == 1:
+                    modalities.resolve(members[0].tab)(studio)
+                    continue
+                for member in members:
+                    with gr.Tab(member.subtitle or member.name, id=member.name):
+                        modalities.resolve(member.tab)(studio)
+        with gr.Tab("Analytics", id="analytics"):
+            analytics_tab.build(studio)
+        with gr.Tab("Models", id="models"):
+            models_tab.build(studio)
     return demo

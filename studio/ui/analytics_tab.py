@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.registry import MODALITIES
+from studio import modalities
 from studio.runtime import Studio
 from studio.telemetry.analytics import FIGURES, Filters, LogReader, export_csv, report, storage_warning
 
@@ -47,11 +47,11 @@ def summary(totals: dict, partial: int, folder: Path) -> str:
         return (f"**No requests in this selection.** Every generation, from the UI or the HTTP API, is logged to "
                 f"`{folder}` and shows up here.{skipped}")
     t = totals
+    own = " · ".join(f"{total.label} {_number(t[total.label], '{:,.1f}' if total.column else '{:,.0f}')}"
+                     for modality in modalities.registered() for total in modality.totals if t[total.label])
     return (f"**{t['requests']:,} requests** · ok {t['ok']:,} · errors {t['errors']:,} "
             f"({_number(t['error_rate'], '{:.1%}')}) · stopped {t['stopped']:,} · models {t['models']} · "
-            f"latency p50 {_number(t['p50_ms'])} ms, p95 {_number(t['p95_ms'])} ms · "
-            f"tokens in {t['prompt_tokens']:,} / out {t['completion_tokens']:,} · images {t['images']:,} · "
-            f"audio {t['audio_seconds']:,.1f} s · 3D meshes {t['meshes']:,} · "
+            f"latency p50 {_number(t['p50_ms'])} ms, p95 {_number(t['p95_ms'])} ms · {own + ' · ' if own else ''}"
             f"cache hit rate {_number(t['cache_hit_rate'], '{:.0%}')} · loads {t['loads']:,} · "
             f"evictions {t['evictions']:,}{skipped}")
 
@@ -86,7 +86,7 @@ def build(studio: Studio) -> None:
         span = gr.Dropdown(list(RANGES), value=DEFAULT_RANGE, label="Time range")
         start = gr.DateTime(label="From (optional)", timezone="UTC", info="overrides the time range")
         end = gr.DateTime(label="To (optional)", timezone="UTC")
-        modality = gr.Dropdown(list(MODALITIES), multiselect=True, label="Modality", info="all when empty")
+        modality = gr.Dropdown(list(modalities.names()), multiselect=True, label="Modality", info="all when empty")
         model = gr.Dropdown([], multiselect=True, label="Model", info="all when empty")
     with gr.Row():
         refresh = gr.Button("Refresh", variant="primary", scale=1)

@@ -1,51 +1,25 @@
 """The Chat tab: a streaming multi-turn chat with a real Stop, retry / undo / clear, and per-reply statistics.
 
-The tab is thin: `respond` turns the Chatbot history into a `ChatRequest` and relays `stream_chat`. Stop sets
-the session's event, which the model's stopping criterion checks at every token; other sessions have their own
-events. Gradio's queue (one concurrency group for all chat events) shows waiting users their position.
+Layout in `build`, named handlers below it, the wiring at the end. `respond` turns the Chatbot history into a
+`ChatRequest` and relays the chat service through the tab's Runner (studio.ui.controls): Stop sets the session's
+cancel event, which the model's stopping criterion checks at every token; other sessions have their own.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import gradio as gr
 
-from studio.backends.chat import ChatRequest, complete_chat, option, stream_chat, validate_chat
+from studio.backends.chat import ChatEvent, ChatOptions, ChatRequest, complete_chat, stream_chat
 from studio.runtime import Studio
-from studio.spaces import chat_seconds, gpu
-from studio.ui.controls import parse_seed, seed_box, shown_to_user
+from studio.ui.controls import Runner, parse_seed, seed_box
 
 NOTICE = ("⚠️ **Answers may be wrong or made up.** Language models can hallucinate facts, names, numbers and "
           "sources; check anything that matters.")
 DEFAULT_SYSTEM = "You are a helpful assistant."
-UI_ENDPOINT = "ui:chat"
-API_ENDPOINT = "gradio:chat"
 
 History = list[dict[str, Any]]
-
-
-class Sessions:
-    """One Stop event per browser session and generation, so Stop ends that session's reply and no other."""
-
-    def __init__(self):
-        self._events: dict[str, threading.Event] = {}
-
-    def arm(self, session: str) -> None:
-        """A new message was sent: a fresh event, so an earlier Stop does not stop it."""
-        self._events[session] = threading.Event()
-
-    def event(self, session: str) -> threading.Event:
-        return self._events.setdefault(session, threading.Event())
-
-    def stop(self, session: str) -> None:
-        if session in self._events:
-            self._events[session].set()
-
-    def done(self, session: str, event: threading.Event) -> None:
-        if self._events.get(session) is event:
-            del self._events[session]
 
 
 def text_of(content: Any) -> str:
@@ -67,7 +41,7 @@ def plain(history: History | None) -> History:
 
 def add_message(message: str, history: History) -> tuple[str, History]:
     if not message or not message.strip():
-        raise gr.Error("Type a message first.")
+        raise gr.Error("Type a message first.", print_exception=False)
     return "", plain(history) + [{"role": "user", "content": message}]
 
 
@@ -77,7 +51,7 @@ def retry(history: History) -> History:
     while history and history[-1]["role"] == "assistant":
         history.pop()
     if not history:
-        raise gr.Error("Nothing to retry yet.")
+        raise gr.Error("Nothing to retry yet.", print_exception=False)
     return history
 
 
@@ -91,29 +65,28 @@ def undo(history: History) -> tuple[History, str]:
     return history[:-1], history[-1]["content"]
 
 
-def summary(event, model: str) -> str:
+def summary(event: ChatEvent) -> str:
     """The status line under a finished reply."""
     parts = [f"**{event.usage['completion_tokens']} tokens** · {event.tokens_per_s:.1f} tokens/s",
-             f"prompt {event.usage['prompt_tokens']} tokens", f"seed `{event.seed}`", model]
+             f"prompt {event.usage['prompt_tokens']} tokens", f"seed `{event.seed}`", event.model]
     if event.finish_reason == "cancelled":
         parts.append("stopped")
     elif event.finish_reason == "length":
         parts.append("reached max new tokens")
     line = " · ".join(parts)
     if event.dropped_turns:
-        line += (f"\n\n⚠️ The conversation no longer fits {model}'s context window: its {event.dropped_turns} "
-                 "oldest message(s) were left out of this reply (the system prompt was kept).")
+        line += (f"\n\n⚠️ The conversation no longer fits {event.model}'s context window: its "
+                 f"{event.dropped_turns} oldest message(s) were left out of this reply (the system prompt was kept).")
     return line
 
 
-def _resident(studio: Studio, model: str) -> bool:
-    return any(m.id == model and m.state == "resident" for m in studio.cache.snapshot().models)
+def runner(studio: Studio) -> Runner[ChatRequest, Iterator[ChatEvent]]:
+    return Runner(studio, "chat", stream_chat)
 
 
-def respond(studio: Studio, history: History, model: str, system: str, max_new_tokens: float, temperature: float,
-            top_p: float, top_k: float, repetition_penalty: float, seed: str | int | None, *, session: str | None,
-            cancel: threading.Event, progress: Callable[[float, str], Any] | None = None,
-            ) -> Iterator[tuple[History, str]]:
+def respond(chat: Runner, history: History, model: str, system: str, max_new_tokens: float, temperature: float,
+            top_p: float, top_k: float, repetition_penalty: float, seed: str | int | None, *, session: str,
+            progress: Any = None) -> Iterator[tuple[History, str]]:
     """Answer the last user message of `history`, yielding (history, status) as the reply grows.
 
     `progress` (a gr.Progress) shows the model's loading on its first use."""
@@ -121,24 +94,23 @@ def respond(studio: Studio, history: History, model: str, system: str, max_new_t
     req = ChatRequest(messages=history, model=model, system=system or None, max_new_tokens=int(max_new_tokens),
                       temperature=float(temperature), top_p=float(top_p), top_k=int(top_k),
                       repetition_penalty=float(repetition_penalty), seed=parse_seed(seed))
-    with shown_to_user():
-        validate_chat(studio, req)
-    if cancel.is_set():  # Stop was pressed while the message waited in the queue
-        yield history, "Stopped before the reply started."
-        return
-    if not _resident(studio, model):
+    if not chat.studio.cache.resident(model):
         yield history, f"⏳ Loading **{model}** (first use; it may be downloaded first)…"
-        if progress is not None:
-            progress(0.0, f"Loading {model}…")
     reply = ""
-    with shown_to_user():
-        for event in stream_chat(studio, req, client="ui", endpoint=UI_ENDPOINT, session=session, cancel=cancel):
-            # A new message dict each time: Gradio streams the difference to the previous value.
-            if event.done:
-                yield history + [{"role": "assistant", "content": reply}], summary(event, model)
-            elif event.text:
-                reply += event.text
-                yield history + [{"role": "assistant", "content": reply}], "Generating…"
+    for event in chat.stream(req, session, progress):
+        # A new message dict each time: Gradio streams the difference to the previous value.
+        if event.done:
+            yield history + [{"role": "assistant", "content": reply}], summary(event)
+        elif event.text:
+            reply += event.text
+            yield history + [{"role": "assistant", "content": reply}], "Generating…"
+
+
+def model_defaults(studio: Studio, model_id: str) -> list:
+    """The sliders set to a model's defaults and caps."""
+    opts = ChatOptions.of(studio.registry.get(model_id))
+    return [gr.update(maximum=opts.max_new_tokens, value=opts.default_max_new_tokens), opts.temperature, opts.top_p,
+            opts.top_k, opts.repetition_penalty]
 
 
 def build(studio: Studio) -> None:
@@ -146,8 +118,8 @@ def build(studio: Studio) -> None:
     if not models:
         gr.Markdown("No chat model is registered in this profile.")
         return
-    spec = studio.registry.get(models[0])
-    sessions = Sessions()
+    opts = ChatOptions.of(studio.registry.get(models[0]))
+    chat = runner(studio)
 
     gr.Markdown(NOTICE, elem_id="chat-notice")
     with gr.Row():
@@ -166,67 +138,29 @@ def build(studio: Studio) -> None:
         with gr.Column(scale=1):
             model = gr.Dropdown(models, value=models[0], label="Model")
             system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3)
-            max_new_tokens = gr.Slider(1, option(spec, "max_new_tokens"), option(spec, "default_max_new_tokens"),
-                                       step=1, label="Max new tokens")
-            temperature = gr.Slider(0, 2, option(spec, "temperature"), step=0.05, label="Temperature (0 = greedy)")
-            top_p = gr.Slider(0.01, 1, option(spec, "top_p"), step=0.01, label="Top-p")
-            top_k = gr.Slider(0, 200, option(spec, "top_k"), step=1, label="Top-k (0 = off)")
-            repetition_penalty = gr.Slider(1, 2, option(spec, "repetition_penalty"), step=0.01,
+            max_new_tokens = gr.Slider(1, opts.max_new_tokens, opts.default_max_new_tokens, step=1,
+                                       label="Max new tokens")
+            temperature = gr.Slider(0, 2, opts.temperature, step=0.01, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.01, 1, opts.top_p, step=0.01, label="Top-p")
+            top_k = gr.Slider(0, 200, opts.top_k, step=1, label="Top-k (0 = off)")
+            repetition_penalty = gr.Slider(1, 2, opts.repetition_penalty, step=0.01,
                                            label="Repetition penalty (1 = off)")
             seed = seed_box()
-    params = [model, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
+    sampling = [model, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
 
-    def model_defaults(model_id: str):
-        chosen = studio.registry.get(model_id)
-        cap = option(chosen, "max_new_tokens")
-        return (gr.update(maximum=cap, value=option(chosen, "default_max_new_tokens")),
-                *(option(chosen, name) for name in ("temperature", "top_p", "top_k", "repetition_penalty")))
-
-    def send_message(text: str, history: History, request: gr.Request):
-        sessions.arm(request.session_hash)
-        return add_message(text, history)
-
-    def retry_last(history: History, request: gr.Request):
-        sessions.arm(request.session_hash)
-        return retry(history)
-
-    @gpu(lambda history, model_id, system_prompt, new_tokens, *_, **__: chat_seconds(int(new_tokens)))
     def run(history: History, model_id: str, system_prompt: str, new_tokens: float, temp: float, p: float, k: float,
-            penalty: float, seed_value: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        cancel = sessions.event(request.session_hash)
-        try:
-            yield from respond(studio, history, model_id, system_prompt, new_tokens, temp, p, k, penalty, seed_value,
-                               session=request.session_hash, cancel=cancel, progress=progress)
-        finally:
-            sessions.done(request.session_hash, cancel)
+            penalty: float, seed_text: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
+        yield from respond(chat, history, model_id, system_prompt, new_tokens, temp, p, k, penalty, seed_text,
+                           session=request.session_hash or "", progress=progress)
 
-    def stop_reply(request: gr.Request):
-        sessions.stop(request.session_hash)
+    def stop_reply(request: gr.Request) -> None:
+        chat.stop(request.session_hash or "")
 
-    generation = {"fn": run, "inputs": [chatbot, *params], "outputs": [chatbot, status], "api_visibility": "private",
-                  "concurrency_id": "chat", "concurrency_limit": studio.settings.concurrency}
-    gr.on([message.submit, send.click], send_message, [message, chatbot], [message, chatbot], queue=False,
-          api_visibility="private").success(**generation)
-    retry_btn.click(retry_last, chatbot, chatbot, queue=False, api_visibility="private").success(**generation)
-    undo_btn.click(undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
-    clear_btn.click(lambda: ([], "", ""), None, [chatbot, message, status], queue=False, api_visibility="private")
-    chatbot.clear(lambda: "", None, status, queue=False, api_visibility="private")  # the Chatbot's own trash icon
-    stop.click(stop_reply, None, None, queue=False, api_visibility="private")
-    model.change(model_defaults, model, [max_new_tokens, temperature, top_p, top_k, repetition_penalty],
-                 queue=False, api_visibility="private")
-
-    def reply_seconds(message: str, model: str = models[0], system: str = "", history: list | None = None,
-                      max_new_tokens: int | None = None, *_, **__) -> int:
-        """GPU time for `chat`: the reply length asked for, else the model's default."""
-        if not max_new_tokens and model in studio.registry:
-            max_new_tokens = option(studio.registry.get(model), "default_max_new_tokens")
-        return chat_seconds(max_new_tokens or 1)  # an unknown model fails at once
-
-    @gpu(reply_seconds)
-    def chat(message: str, model: str = models[0], system: str = DEFAULT_SYSTEM, history: list[dict] | None = None,
-             max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
-             top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None) -> str:
-        """Chat with a local language model and get its whole reply. Answers may be wrong or made up.
+    def generate_text(message: str, model: str = models[0], system: str = DEFAULT_SYSTEM,
+                      history: list[dict] | None = None, max_new_tokens: int | None = None,
+                      temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                      repetition_penalty: float | None = None, seed: int | None = None) -> str:
+        """Chat with a language model and get its whole reply. Answers may be wrong or made up.
 
         Args:
             message: The user's new message.
@@ -243,7 +177,21 @@ def build(studio: Studio) -> None:
         req = ChatRequest(messages=plain(history) + [{"role": "user", "content": message}], model=model,
                           system=system or None, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)
-        with shown_to_user():
-            return complete_chat(studio, req, client="api", endpoint=API_ENDPOINT).text
+        return whole.run(req, entry="generate_text").text
 
-    gr.api(chat, api_name="chat", concurrency_id="chat", concurrency_limit=studio.settings.concurrency)
+    whole = Runner(studio, "chat", complete_chat)
+    generation = {"fn": run, "inputs": [chatbot, *sampling], "outputs": [chatbot, status],
+                  "api_visibility": "private", "concurrency_id": "chat",
+                  "concurrency_limit": studio.settings.concurrency}
+    gr.on([message.submit, send.click], add_message, [message, chatbot], [message, chatbot], queue=False,
+          api_visibility="private").success(**generation)
+    retry_btn.click(retry, chatbot, chatbot, queue=False, api_visibility="private").success(**generation)
+    undo_btn.click(undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
+    clear_btn.click(lambda: ([], "", ""), None, [chatbot, message, status], queue=False, api_visibility="private")
+    chatbot.clear(lambda: "", None, status, queue=False, api_visibility="private")  # the Chatbot's own trash icon
+    stop.click(stop_reply, None, None, queue=False, api_visibility="private")
+    model.change(lambda model_id: model_defaults(studio, model_id), model,
+                 [max_new_tokens, temperature, top_p, top_k, repetition_penalty], queue=False,
+                 api_visibility="private")
+    gr.api(generate_text, api_name="generate_text", concurrency_id="chat",
+           concurrency_limit=studio.settings.concurrency)

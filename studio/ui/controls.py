@@ -1,27 +1,48 @@
-"""Pieces every generation tab shares: the seed box, the per-session Stop flag and how input errors are shown."""
+"""What every generation tab shares: the seed box, how errors are shown, and the `Runner` that calls a service.
+
+A tab builds its typed request from the form and hands it to its modality's Runner, which gives the call a fresh
+request id, a per-session Stop, the progress bar, the errors as Gradio errors, and on ZeroGPU the GPU reservation
+estimated by the modality (`Modality.gpu_seconds`). The tabs' client/MCP endpoints use the same Runner.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import gradio as gr
 
+from studio import modalities, spaces
 from studio.cache import CacheError
-from studio.registry import UnknownModelError
+from studio.contract import InputError
+from studio.runtime import Call, Studio
 
-# What the user can act on: bad input, an unknown model, a model that cannot be loaded.
-INPUT_ERRORS = (ValueError, UnknownModelError, CacheError)
+R = TypeVar("R")  # a modality's request
+T = TypeVar("T")  # its result
+
+logger = logging.getLogger("studio.ui")
 
 
 @contextmanager
-def shown_to_user() -> Iterator[None]:
-    """Turn input errors into a visible Gradio error with their message (Gradio hides other exceptions' text)."""
+def shown_to_user(request_id: str | None = None) -> Iterator[None]:
+    """Errors as Gradio errors with a message: the user's own (bad input, an unknown model, a model that cannot be
+    loaded now) as they are, without a traceback in the terminal; an internal error as its request id, with the
+    traceback in the server log."""
     try:
         yield
-    except INPUT_ERRORS as exc:
-        raise gr.Error(str(exc)) from None
+    except (InputError, CacheError) as exc:
+        logger.info("input error: %s", exc)
+        raise gr.Error(str(exc), print_exception=False) from None
+    except gr.Error:
+        raise
+    except Exception:
+        request_id = request_id or os.urandom(8).hex()
+        logger.exception("internal error (request %s)", request_id)
+        raise gr.Error(f"Internal error; the server log has the details under request id {request_id}.",
+                       print_exception=False) from None
 
 
 def seed_box(info: str = "Empty: random. The seed used is shown with the result.", **kwargs) -> gr.Textbox:
@@ -37,39 +58,74 @@ def parse_seed(text: str | float | None) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise gr.Error(f"seed: {text!r} is not a whole number; leave it empty for a random seed") from None
+        raise gr.Error(f"seed: {text!r} is not a whole number; leave it empty for a random seed",
+                       print_exception=False) from None
 
 
 class StopFlags:
-    """One cancel event per browser session; Stop sets the event of the request that session is running."""
+    """One cancel event per browser session; Stop sets the event of the generation that session is running."""
 
     def __init__(self) -> None:
         self._events: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
-    def start(self, session: str) -> threading.Event:
+    @contextmanager
+    def running(self, session: str) -> Iterator[threading.Event]:
+        """The cancel event of one generation of this session, forgotten when the generation ends."""
+        event = threading.Event()
         with self._lock:
-            event = self._events[session] = threading.Event()
-            return event
+            self._events[session] = event
+        try:
+            yield event
+        finally:
+            with self._lock:
+                if self._events.get(session) is event:
+                    del self._events[session]
 
     def stop(self, session: str) -> bool:
+        """Stop the session's generation; False when it runs none."""
         with self._lock:
             event = self._events.get(session)
         if event is not None:
             event.set()
         return event is not None
 
+
+class Runner(Generic[R, T]):
+    """Runs one modality's service for its tab (`session` given: Stop works) and for its Gradio client / MCP
+    endpoint (`entry`: the endpoint's api_name, for the request log)."""
+
+    def __init__(self, studio: Studio, modality: str, service: Callable[[Studio, R, Call], T]):
+        self.studio = studio
+        self.modality = modality
+        self.service = service
+        self.flags = StopFlags()
+        estimate = modalities.get(modality).gpu_seconds
+        seconds = modalities.resolve(estimate) if estimate else (lambda _req: 0.0)
+        # On ZeroGPU the GPU exists only inside these calls; their arguments must pickle (a request, plain values).
+        duration = lambda req, *_, **__: spaces.reserve(seconds(req))  # noqa: E731
+        self.run: Callable[..., T] = spaces.gpu(duration)(self._run)
+        self.stream: Callable[..., Iterator[Any]] = spaces.gpu(duration)(self._stream)
+
     @contextmanager
-    def running(self, session: str) -> Iterator[threading.Event]:
-        """The cancel event of one generation of this session, forgotten when the generation ends."""
-        event = self.start(session)
-        try:
-            yield event
-        finally:
-            self.finish(session, event)
+    def _call(self, session: str | None, progress: Any, entry: str | None) -> Iterator[Call]:
+        report = None if progress is None else (lambda fraction, text: progress(fraction, desc=text))
+        if session is None:
+            yield Call("gradio", entry or self.modality, progress=report, request_id=os.urandom(16).hex())
+            return
+        with self.flags.running(session) as cancel:
+            yield Call("ui", self.modality, session, cancel, report, os.urandom(16).hex())
 
-    def finish(self, session: str, event: threading.Event) -> None:
-        with self._lock:
-            if self._events.get(session) is event:
-                del self._events[session]
+    def _run(self, req: R, session: str | None = None, progress: Any = None, entry: str | None = None) -> T:
+        with self._call(session, progress, entry) as call, shown_to_user(call.request_id):
+            return self.service(self.studio, req, call)
 
+    def _stream(self, req: R, session: str | None = None, progress: Any = None,
+                entry: str | None = None) -> Iterator[Any]:
+        """A streaming service (chat): its events as it yields them."""
+        with self._call(session, progress, entry) as call, shown_to_user(call.request_id):
+            yield from self.service(self.studio, req, call)
+
+    def stop(self, session: str) -> bool:
+        """Stop the session's generation; False when it runs none."""
+        return self.flags.stop(session)

@@ -12,29 +12,33 @@ import tempfile
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, ImageRequest, ImageResult, default_model, generate_images,
-                                   list_loras, png_bytes)
+from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, SIZE_STEP, ImageOptions, ImageRequest, ImageResult,
+                                   generate_images, list_loras, png_bytes)
 from studio.backends.lora import MAX_WEIGHT
 from studio.runtime import Studio
-from studio.spaces import gpu, image_seconds
-from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
+from studio.ui.controls import Runner, parse_seed, seed_box
 
 SLOTS = 6  # adapters at once in the UI, each with a weight slider
 HISTORY = 48  # images kept per session in the gallery
 
 
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
-    """Steps, guidance, width, height, number of images and negative prompt set to a model's defaults and caps."""
-    opts = studio.registry.get(model_id).options
-    size = {"minimum": MIN_SIZE, "maximum": opts.get("max_size", 1024), "step": 8}
+    """Steps, guidance, width, height, number of images and negative prompt set to a model's defaults and caps
+    (an external model without published caps gets generous sliders; its provider checks the values)."""
+    opts = ImageOptions.of(studio.registry.get(model_id))
+    size = {"minimum": MIN_SIZE, "maximum": opts.max_size or 2048, "step": SIZE_STEP}
     return [
-        gr.update(minimum=1, maximum=opts.get("max_steps", 100), value=opts.get("steps", 20)),
-        gr.update(value=opts.get("guidance", 7.5)),
-        gr.update(**size, value=opts.get("width", 512)),
-        gr.update(**size, value=opts.get("height", 512)),
-        gr.update(maximum=opts.get("max_images", 4), value=1),
-        gr.update(visible=bool(opts.get("negative_prompt", True)), value=""),
+        gr.update(minimum=1, maximum=opts.max_steps or 100, value=opts.steps or 25),
+        gr.update(value=opts.guidance if opts.guidance is not None else 7.5),
+        gr.update(**size, value=opts.width or 512),
+        gr.update(**size, value=opts.height or 512),
+        gr.update(maximum=opts.max_images or 4, value=1),
+        gr.update(visible=opts.negative_prompt is not False, value=""),
     ]
+
+
+def runner(studio: Studio) -> Runner[ImageRequest, ImageResult]:
+    return Runner(studio, "image", generate_images)
 
 
 def _usable(studio: Studio, refresh: bool = False) -> tuple[list[str], str]:
@@ -71,9 +75,9 @@ def build(studio: Studio) -> None:
     if not models:
         gr.Markdown("This profile has no image model.")
         return
-    first = default_model(studio)
+    first = models[0]
     names, note = _usable(studio)
-    flags = StopFlags()
+    images = runner(studio)
     steps_u, guidance_u, width_u, height_u, n_u, negative_u = _model_controls(studio, first)
     with gr.Row():
         with gr.Column(scale=2):
@@ -123,14 +127,6 @@ def build(studio: Studio) -> None:
         keep = [name for name in current if name in usable]
         return gr.update(choices=usable, value=keep), text
 
-    @gpu(lambda req, *_: image_seconds(req.steps, req.width, req.height, req.n))
-    def paint(req: ImageRequest, request: gr.Request, progress: gr.Progress) -> ImageResult:
-        """The GPU part of `run`, apart because its arguments must pickle (ZeroGPU calls it in a worker)."""
-        session = request.session_hash or ""
-        with flags.running(session) as cancel, shown_to_user():
-            return generate_images(studio, req, client="ui", endpoint="image_tab", session=session, cancel=cancel,
-                                   progress=lambda fraction, desc: progress(fraction, desc=desc))
-
     def run(form: dict, request: gr.Request, progress=gr.Progress()):
         values = [form[slider] for slider in weights]
         adapters = {name: float(w) for name, w in zip(form[shown], values, strict=False)}  # SLOTS sliders
@@ -138,7 +134,7 @@ def build(studio: Studio) -> None:
                            steps=int(form[steps]), guidance=float(form[guidance]), width=int(form[width]),
                            height=int(form[height]), seed=parse_seed(form[seed]),
                            n=int(form[n]), adapters=adapters)
-        result = paint(req, request, progress)
+        result: ImageResult = images.run(req, request.session_hash or "", progress)
         new = []
         for index, image in enumerate(result.images):
             settings = result.image_settings(index)
@@ -155,21 +151,18 @@ def build(studio: Studio) -> None:
     def on_reuse(settings: dict | None):
         if not settings:
             raise gr.Error("Pick an image in the gallery first.")
-        opts = studio.registry.get(settings["model"]).options
         usable = _usable(studio)[0]
         chosen = [name for name in settings["adapters"] if name in usable][:SLOTS]
         if len(chosen) < len(settings["adapters"]):
             gr.Warning("Some adapters of these settings are no longer available; press Refresh.")
+        steps, guidance, width, height, n, negative = _model_controls(studio, settings["model"])
         return [gr.update(value=settings["model"]), settings["prompt"],
-                gr.update(value=settings["negative_prompt"], visible=bool(opts.get("negative_prompt", True))),
-                gr.update(maximum=opts.get("max_steps", 100), value=settings["steps"]), settings["guidance"],
-                gr.update(maximum=opts.get("max_size", 1024), value=settings["width"]),
-                gr.update(maximum=opts.get("max_size", 1024), value=settings["height"]), str(settings["seed"]),
-                gr.update(maximum=opts.get("max_images", 4), value=1), gr.update(value=chosen), chosen,
-                *_sliders(chosen, settings["adapters"])]
+                {**negative, "value": settings["negative_prompt"]}, {**steps, "value": settings["steps"]},
+                settings["guidance"], {**width, "value": settings["width"]}, {**height, "value": settings["height"]},
+                str(settings["seed"]), n, gr.update(value=chosen), chosen, *_sliders(chosen, settings["adapters"])]
 
     def stop_generating(request: gr.Request) -> None:
-        if not flags.stop(request.session_hash or ""):
+        if not images.stop(request.session_hash or ""):
             gr.Info("Nothing is being generated.")
 
     model.input(on_model, model, [steps, guidance, width, height, n, negative], api_visibility="private")
@@ -184,8 +177,6 @@ def build(studio: Studio) -> None:
     reuse.click(on_reuse, details, [model, prompt, negative, steps, guidance, width, height, seed, n, picked, shown,
                                     *weights], api_visibility="private")
 
-    @gpu(lambda prompt, negative_prompt="", model=first, steps=None, guidance=None, width=None, height=None, *_:
-         image_seconds(steps or 50, width or 512, height or 512))
     def generate_image(prompt: str, negative_prompt: str = "", model: str = first, steps: int | None = None,
                        guidance: float | None = None, width: int | None = None, height: int | None = None,
                        seed: int | None = None, adapters: dict[str, float] | None = None) -> FileData:
@@ -204,8 +195,7 @@ def build(studio: Studio) -> None:
         """
         req = ImageRequest(prompt=prompt, negative_prompt=negative_prompt or "", model=model, steps=steps,
                            guidance=guidance, width=width, height=height, seed=seed, adapters=adapters or {})
-        with shown_to_user():
-            result = generate_images(studio, req, client="api", endpoint="gradio:generate_image")
+        result = images.run(req, entry="generate_image")
         return FileData(path=_save_png(result.images[0], result.image_settings(0)), mime_type="image/png")
 
     generate_image.__doc__ = generate_image.__doc__.format(models=", ".join(models))

@@ -8,43 +8,40 @@ session's cancel event; the pipeline ends after the running step and the shape d
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIEW_MAX_FACES, SEED_RANGE,
-                                   ShapeRequest, default_model, export_mesh, generate_shape, preview_mesh,
-                                   turntable_gif)
+from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIEW_MAX_FACES, ShapeOptions,
+                                   ShapeRequest, ShapeResult, export_mesh, generate_shape, preview_mesh, turntable_gif)
+from studio.contract import SEED_RANGE
 from studio.runtime import Studio
-from studio.spaces import gpu, shape_seconds
-from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
+from studio.ui.controls import Runner, parse_seed, seed_box
 
 
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
     """Guidance, steps and frame size set to a model's defaults and caps."""
-    opts = studio.registry.get(model_id).options
+    opts = ShapeOptions.of(studio.registry.get(model_id))
     return [
-        gr.update(value=opts.get("guidance", 15.0)),
-        gr.update(minimum=1, maximum=opts.get("max_steps", 128), value=opts.get("steps", 64)),
-        gr.update(minimum=FRAME_STEP, maximum=opts.get("max_frame_size", 256), value=opts.get("frame_size", 64)),
+        gr.update(value=opts.guidance),
+        gr.update(minimum=1, maximum=opts.max_steps, value=opts.steps),
+        gr.update(minimum=FRAME_STEP, maximum=opts.max_frame_size, value=opts.frame_size),
     ]
 
 
-def make_shape(studio: Studio, req: ShapeRequest, *, session: str | None = None,
-               cancel: threading.Event | None = None, progress: Callable[[float, str], None] | None = None,
+def runner(studio: Studio) -> Runner[ShapeRequest, ShapeResult]:
+    return Runner(studio, "3d", generate_shape)
+
+
+def make_shape(shapes: Runner, req: ShapeRequest, *, session: str, progress=None,
                max_faces: int = PREVIEW_MAX_FACES) -> tuple[str, str | None, list[str], str]:
     """Generate, then write the viewer's GLB, the turntable GIF and the three downloads into a fresh folder.
 
     Returns (preview GLB path, GIF path or None, [GLB, PLY, OBJ paths], status text)."""
     started = time.monotonic()
-    report = progress or (lambda _fraction, _desc: None)
-    result = generate_shape(studio, req, client="ui", endpoint="shape_tab", session=session, cancel=cancel,
-                            progress=lambda fraction, desc: report(0.9 * fraction, desc))
-    report(0.9, "writing the files")
+    result = shapes.run(req, session, progress)
     folder = Path(tempfile.mkdtemp(prefix="studio-3d-"))
     downloads = []
     for fmt in MEDIA_TYPES:
@@ -77,8 +74,8 @@ def build(studio: Studio) -> None:
     if not models:
         gr.Markdown("This profile has no 3D model.")
         return
-    first = default_model(studio)
-    flags = StopFlags()
+    first = models[0]
+    shapes = runner(studio)
     guidance_u, steps_u, frame_u = _model_controls(studio, first)
     with gr.Row():
         with gr.Column(scale=2):
@@ -106,19 +103,15 @@ def build(studio: Studio) -> None:
     def on_model(model_id: str):
         return _model_controls(studio, model_id)
 
-    @gpu(lambda model_id, prompt_text, guidance_value, steps_value, *_, **__: shape_seconds(int(steps_value)))
     def run(model_id: str, prompt_text: str, guidance_value: float, steps_value: float, frame_value: float,
             seed_text: str, turntable_on: bool, request: gr.Request, progress=gr.Progress()):
         req = ShapeRequest(prompt=prompt_text or "", model=model_id, guidance=float(guidance_value),
                            steps=int(steps_value), frame_size=int(frame_value), seed=parse_seed(seed_text),
                            turntable=turntable_on)
-        session = request.session_hash or ""
-        with flags.running(session) as cancel, shown_to_user():
-            return make_shape(studio, req, session=session, cancel=cancel,
-                              progress=lambda fraction, desc: progress(fraction, desc=desc))
+        return make_shape(shapes, req, session=request.session_hash or "", progress=progress)
 
     def stop_generating(request: gr.Request) -> None:
-        if not flags.stop(request.session_hash or ""):
+        if not shapes.stop(request.session_hash or ""):
             gr.Info("Nothing is being generated.")
 
     model.input(on_model, model, [guidance, steps, frame_size], api_visibility="private")
@@ -127,7 +120,6 @@ def build(studio: Studio) -> None:
           [viewer, spin, files, status], api_visibility="private", concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
 
-    @gpu(lambda prompt, guidance=None, steps=None, *_, **__: shape_seconds(steps or 64))
     def generate_3d(prompt: str, guidance: float | None = None, steps: int | None = None, seed: int | None = None,
                     model: str = first) -> FileData:
         """Make a 3D shape from text with Shap-E and return it as a GLB mesh with vertex colours.
@@ -140,8 +132,7 @@ def build(studio: Studio) -> None:
             model: the 3D model id: {models}.
         """
         req = ShapeRequest(prompt=prompt, guidance=guidance, steps=steps, seed=seed, model=model, turntable=False)
-        with shown_to_user():
-            result = generate_shape(studio, req, client="api", endpoint="gradio:generate_3d")
+        result = shapes.run(req, entry="generate_3d")
         with tempfile.NamedTemporaryFile(prefix=f"shape-{result.seed}-", suffix=".glb", delete=False) as fh:
             fh.write(export_mesh(result.mesh, "glb"))
         return FileData(path=fh.name, mime_type=MEDIA_TYPES["glb"])

@@ -1,4 +1,5 @@
-"""The Speech tab: text, model, voice and seed in; an audio player, a WAV download, duration and speed out.
+"""The Speech tab's "Text to speech": text, model, voice and seed in; an audio player (with its download), the
+duration and the speed out.
 
 Stop sets the session's cancel event; `synthesize` checks it between pieces, so the request ends after the piece
 being spoken and the clip made so far is shown (Gradio's `cancels=` would drop that partial result).
@@ -11,27 +12,24 @@ import tempfile
 import gradio as gr
 from gradio.data_classes import FileData
 
-from studio.backends.speech import MAX_TEXT_CHARS, SpeechRequest, SpeechResult, default_model, synthesize, wav_bytes
+from studio.backends.speech import MAX_TEXT_CHARS, SpeechOptions, SpeechRequest, SpeechResult, synthesize, wav_bytes
 from studio.runtime import Studio
-from studio.spaces import gpu, speech_seconds
-from studio.ui.controls import StopFlags, parse_seed, seed_box, shown_to_user
+from studio.ui.controls import Runner, parse_seed, seed_box
 
 BARK_CUES = ("**Bark cues:** write `[laughs]`, `[laughter]`, `[sighs]`, `[gasps]`, `[clears throat]` or `[music]` in "
              "the text; `...` or `—` for hesitation, `♪` around sung lyrics, CAPITALS for emphasis. Bark speaks about "
              "13 s per call, so long text is spoken sentence by sentence.")
-SEED_INFO = "Empty: random. The same seed repeats a Bark or VITS clip; Piper's noise is fixed inside its ONNX graph."
+SEED_INFO = "Empty: random. The same seed repeats the clip."
 
 
-def _voice_choices(studio: Studio, model_id: str | None) -> dict:
-    """The voice picker's settings for a model: hidden when it has none, fixed when it has one."""
-    options = studio.registry.get(model_id).options if model_id else {}
-    voices = list(options.get("voices", []))
-    value = options.get("default_voice") or (voices[0] if voices else None)
-    return {"choices": voices, "value": value, "visible": bool(voices), "interactive": len(voices) > 1}
-
-
-def _note(studio: Studio, model_id: str | None) -> str:
-    return BARK_CUES if model_id and studio.registry.get(model_id).options.get("cues") else ""
+def model_controls(studio: Studio, model_id: str | None) -> tuple[dict, dict, str]:
+    """The voice picker (hidden when the model has one voice), the seed box (hidden when the model takes no seed)
+    and the note on cues, for a model."""
+    opts = SpeechOptions.of(studio.registry.get(model_id)) if model_id else SpeechOptions()
+    voices = list(opts.voices or ())
+    voice = gr.update(choices=voices, value=opts.default_voice or (voices[0] if voices else None),
+                      visible=bool(voices), interactive=len(voices) > 1)
+    return voice, gr.update(visible=bool(opts.seeded)), BARK_CUES if opts.cues else ""
 
 
 def _wav_file(result: SpeechResult) -> str:
@@ -40,7 +38,7 @@ def _wav_file(result: SpeechResult) -> str:
         return fh.name
 
 
-def _summary(result: SpeechResult) -> str:
+def summary(result: SpeechResult) -> str:
     speed = "faster" if result.rtf < 1 else "slower"
     text = (f"**{result.seconds:.2f} s** of audio at {result.sample_rate} Hz · real-time factor **{result.rtf:.2f}** "
             f"({speed} than real time) · {result.pieces} piece{'s' if result.pieces != 1 else ''}")
@@ -51,51 +49,55 @@ def _summary(result: SpeechResult) -> str:
     return text
 
 
+def runner(studio: Studio) -> Runner[SpeechRequest, SpeechResult]:
+    return Runner(studio, "text-to-speech", synthesize)
+
+
+def speak(speech: Runner, text: str, model: str | None, voice: str | None, seed: str | None, *, session: str,
+          progress=None) -> tuple[str | None, str]:
+    """Speak the text: (WAV path or None, status)."""
+    req = SpeechRequest(text=text or "", model=model, voice=voice or None, seed=parse_seed(seed))
+    result = speech.run(req, session, progress)
+    if not result.pieces:
+        return None, "Stopped before the first piece was spoken."
+    return _wav_file(result), summary(result)
+
+
 def build(studio: Studio) -> None:
-    models = studio.models("speech")
-    first = default_model(studio)
-    flags = StopFlags()
+    models = studio.models("text-to-speech")
+    if not models:
+        gr.Markdown("This profile has no text-to-speech model.")
+        return
+    speech = runner(studio)
+    voice_u, seed_u, note_text = model_controls(studio, models[0])
     with gr.Row():
         with gr.Column(scale=3):
             text = gr.Textbox(label="Text", elem_id="speech-text", lines=6, max_length=MAX_TEXT_CHARS,
                               placeholder="Hello! This studio speaks with Bark, MMS-TTS and Piper.",
                               info=f"Up to {MAX_TEXT_CHARS:,} characters; long text is spoken sentence by sentence.")
             with gr.Row():
-                model = gr.Dropdown(models, value=first, label="Model", elem_id="speech-model")
-                voice = gr.Dropdown(label="Voice", elem_id="speech-voice", **_voice_choices(studio, first))
-                seed = seed_box(SEED_INFO, elem_id="speech-seed")
-            note = gr.Markdown(_note(studio, first))
+                model = gr.Dropdown(models, value=models[0], label="Model", elem_id="speech-model")
+                voice = gr.Dropdown(label="Voice", elem_id="speech-voice",
+                                    **{k: voice_u[k] for k in ("choices", "value", "visible", "interactive")})
+                seed = seed_box(SEED_INFO, elem_id="speech-seed", visible=seed_u["visible"])
+            note = gr.Markdown(note_text)
             with gr.Row():
-                speak = gr.Button("Speak", variant="primary", elem_id="speech-speak")
+                go = gr.Button("Speak", variant="primary", elem_id="speech-speak")
                 stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
         with gr.Column(scale=2):
             audio = gr.Audio(label="Speech", type="filepath", format="wav", interactive=False, buttons=["download"])
-            wav = gr.File(label="WAV download", interactive=False)
             stats = gr.Markdown(elem_id="speech-stats")
 
-    def on_model(model_id: str | None):
-        return gr.update(**_voice_choices(studio, model_id)), _note(studio, model_id)
-
-    @gpu(lambda text_value, *_, **__: speech_seconds(text_value or ""))
     def run(text_value: str, model_id: str | None, voice_name: str | None, seed_text: str | None,
             request: gr.Request, progress=gr.Progress()):
-        req = SpeechRequest(text=text_value or "", model=model_id or "", voice=voice_name or None,
-                            seed=parse_seed(seed_text))
-        session = request.session_hash or ""
-        with flags.running(session) as cancel, shown_to_user():
-            result = synthesize(studio, req, client="ui", endpoint="speech_tab", session=session, cancel=cancel,
-                                progress=lambda fraction, desc: progress(fraction, desc=desc))
-        if not result.pieces:
-            return None, None, "Stopped before the first piece was spoken."
-        path = _wav_file(result)
-        return path, path, _summary(result)
+        return speak(speech, text_value, model_id, voice_name, seed_text, session=request.session_hash or "",
+                     progress=progress)
 
     def stop_speaking(request: gr.Request) -> None:
-        if not flags.stop(request.session_hash or ""):
+        if not speech.stop(request.session_hash or ""):
             gr.Info("Nothing is being spoken.")
 
-    @gpu(lambda text, *_, **__: speech_seconds(text or ""))
-    def generate_speech(text: str, model: str = first or "", voice: str | None = None,
+    def generate_speech(text: str, model: str = models[0], voice: str | None = None,
                         seed: int | None = None) -> FileData:
         """Speak text with one of the studio's speech models and return a 16-bit mono WAV file.
 
@@ -106,15 +108,13 @@ def build(studio: Studio) -> None:
             seed: 0 to 4294967295 to repeat a clip (Bark and VITS sample; Piper ignores it); empty for random.
         """
         req = SpeechRequest(text=text, model=model, voice=voice or None, seed=seed)
-        with shown_to_user():
-            result = synthesize(studio, req, client="api", endpoint="gradio:generate_speech")
-        return FileData(path=_wav_file(result), mime_type="audio/wav")
+        return FileData(path=_wav_file(speech.run(req, entry="generate_speech")), mime_type="audio/wav")
 
-    generate_speech.__doc__ = generate_speech.__doc__.format(models=", ".join(models) or "none")
+    generate_speech.__doc__ = generate_speech.__doc__.format(models=", ".join(models))
 
-    model.change(on_model, model, [voice, note], api_visibility="private")
+    model.change(lambda model_id: model_controls(studio, model_id), model, [voice, seed, note],
+                 api_visibility="private")
     # The studio's per-model slots queue generations, so Gradio itself does not limit these events.
-    speak.click(run, [text, model, voice, seed], [audio, wav, stats], api_visibility="private",
-                concurrency_limit=None)
+    go.click(run, [text, model, voice, seed], [audio, stats], api_visibility="private", concurrency_limit=None)
     stop.click(stop_speaking, None, None, queue=False, api_visibility="private")
     gr.api(generate_speech, api_name="generate_speech", concurrency_limit=None)

@@ -40,7 +40,8 @@ def build_lora(folder: Path) -> str:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from studio.registry import TINY_MODELS, Registry
+    from studio.catalog import TINY_MODELS
+    from studio.registry import Registry
     from studio.tiny.image import random_lora
     from studio.weights import ensure_local
 

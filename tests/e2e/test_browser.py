@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections import Counter
 from urllib.parse import urlsplit
 
@@ -152,7 +153,7 @@ def test_speech_shows_the_audio_player(server, page):
     expect(panel.get_by_text("s of audio")).to_be_visible()
     expect(panel.get_by_role("button", name="Play", exact=True)).to_be_visible()
     seconds = panel.locator("audio[src^='blob:']").evaluate(DURATION)  # the clip the player has loaded
-    row = last_row(server, "speech")
+    row = last_row(server, "text-to-speech")
     assert (row["model"], row["status"]) == ("piper-joe", "ok") and row["audio_seconds"] > 0.5
     assert seconds == pytest.approx(row["audio_seconds"], abs=0.05)
 
@@ -171,7 +172,14 @@ def test_3d_shape_shows_the_preview_canvas(server, page):
     assert (row["status"], row["steps"]) == ("ok", 2) and row["faces"] > 0
 
 
-def test_stop_ends_a_generation_early(server, page):
+def test_stop_ends_a_generation_early(server, page, monkeypatch):
+    """Stop reaches the running generation whatever the load. Each step is made to last a quarter second (a real
+    model's pace), so the 50 steps outlast the click however slow the browser is: with the tiny model's own
+    50-ms steps the generation could finish before a click on a busy machine arrived, a race of the test."""
+    with server.studio.cache.use("tiny-sd") as lease:
+        unet = lease.model.pipe.unet
+        forward = unet.forward
+        monkeypatch.setattr(unet, "forward", lambda *a, **k: (time.sleep(0.25), forward(*a, **k))[1])
     panel = open_studio(page, server.url, "Image")
     choose(page, panel, "Model", "tiny-sd")  # its largest image with guidance: the slowest steps to stop
     steps = panel.get_by_label("number input for Steps", exact=True)
