@@ -143,7 +143,7 @@ def _rgb(frames: list) -> list:
 def encode_mp4(frames: list, fps: float) -> bytes:
     """H.264 in MP4 as every browser plays it: yuv420p (so even sizes: an odd edge repeats its last pixel row or
     column), the index at the front (+faststart) so playback starts before the download ends. Bit-exact flags
-    and a fixed thread count make identical frames give identical bytes."""
+    and a fixed thread count (x264's output depends on it) make identical frames give identical bytes."""
     import numpy as np
 
     pixels = np.stack([np.asarray(frame) for frame in _rgb(frames)])
@@ -155,6 +155,9 @@ def encode_mp4(frames: list, fps: float) -> bytes:
         command = [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-nostdin",
                    "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{pixels.shape[2]}x{pixels.shape[1]}",
                    "-framerate", f"{rate.numerator}/{rate.denominator}", "-i", "pipe:0",
+                   # BT.709, tagged: untagged H.264 leaves the colour matrix to each player's guess
+                   "-vf", "scale=out_color_matrix=bt709:out_range=tv", "-colorspace", "bt709",
+                   "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "medium", "-crf", "18", "-threads", "2",
                    "-movflags", "+faststart", "-map_metadata", "-1", "-fflags", "+bitexact",
                    "-flags:v", "+bitexact", out]
