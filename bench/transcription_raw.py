@@ -19,10 +19,13 @@ through the same two settings in the model's generation config. The default, 110
 speech gives (some 75 words of 1.3 tokens, plus timestamps): read the RTF as that of a window that says that much.
 
 RTF is seconds of compute per second of audio (below 1 is faster than real time), median of the repeats, from the
-wall clock (`rtf`) and from this process's CPU time (`cpu_rtf`, which other jobs on a shared machine disturb less).
+wall clock (`rtf`) and from this process's CPU time (`cpu_rtf`, which other jobs on a shared machine disturb less,
+except that torch's worker threads spin while they wait for a core: with other jobs running, `--threads 1` gives the
+steadier numbers).
 
     nice python bench/transcription_raw.py                 # writes bench/results/transcription_raw.json
     nice python bench/transcription_raw.py --models pocketsphinx --repeats 5
+    nice python bench/transcription_raw.py --models whisper-small-size --threads 1 --out /tmp/whisper.json
 """
 
 from __future__ import annotations
@@ -151,8 +154,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=110, help="tokens Whisper decodes per 30 s window")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads; on a machine shared with other jobs, 1 suffers least from contention")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     clip, said = speech_clip(args.seconds)
     seconds = len(clip) / RATE
