@@ -270,6 +270,59 @@ def parse_rate(rows: int, now: datetime) -> float:
     return rows / seconds
 
 
+def _write_days(folder: Path, prefix: str, df: pd.DataFrame) -> None:
+    """`df` as JSON Lines, one file per UTC day, appended: compact JSON with unescaped slashes, as orjson writes."""
+    stamps = df["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str[:-3] + "Z"
+    for day, part in df.assign(ts=stamps).groupby(stamps.str[:10]):
+        text = part.to_json(orient="records", lines=True).replace("\\/", "/")
+        with open(folder / f"{prefix}-{day}.jsonl", "a") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+
+
+def write_requests(folder: Path, df: pd.DataFrame, seed: int = 2) -> None:
+    """Request rows as the request log writes them: times rounded as the writer rounds them, every request with
+    a seed, speech rows with an extra field (the clip count)."""
+    df = df.copy()
+    rng = np.random.default_rng(seed)
+    for c in ("queue_ms", "latency_ms", "ttft_ms", "load_ms"):
+        df[c] = df[c].round(1)
+    df["audio_seconds"] = df["audio_seconds"].round(3)
+    df["peak_memory_bytes"] = df["peak_memory_bytes"].round()
+    df["seed"] = pd.Series(rng.integers(0, 2**32, len(df)).tolist(), index=df.index, dtype=object)
+    speech = (df["modality"] == "speech").to_numpy()
+    extra = np.full(len(df), None, dtype=object)
+    extra[speech] = [{"pieces": int(k)} for k in rng.integers(1, 6, speech.sum())]
+    df["extra"] = extra
+    _write_days(folder, "requests", df)
+
+
+def cold_read(folder: Path, selection: analytics.Filters) -> tuple[float, analytics.Report]:
+    """Seconds from a new reader to every figure: parse the files on disk, filter, aggregate, draw."""
+    start = time.perf_counter()
+    result = analytics.report(analytics.LogReader(folder).read(selection.start, selection.end), selection)
+    return time.perf_counter() - start, result
+
+
+def refresh_times(folder: Path, now: datetime, selections: dict[str, analytics.Filters], rounds: int = 3,
+                  rows: int = 1_000) -> dict[str, list[float]]:
+    """Seconds to read and report again after `rows` new requests were appended to today's file, per selection
+    (each reader warm, as the tab's is)."""
+    readers = {name: analytics.LogReader(folder) for name in selections}
+    for name, reader in readers.items():
+        analytics.report(reader.read(selections[name].start, selections[name].end), selections[name])
+    times = {name: [] for name in selections}
+    for r in range(rounds):
+        new = synthetic_logs(rows, now, seed=100 + r).requests
+        new["ts"] = (pd.Timestamp(now) - pd.to_timedelta(np.linspace(60e6, 1e6, rows), unit="us")).astype(
+            "datetime64[us, UTC]")  # the last minute: today's file
+        write_requests(folder, new, seed=100 + r)
+        for name, reader in readers.items():
+            start = time.perf_counter()
+            result = analytics.report(reader.read(selections[name].start, selections[name].end), selections[name])
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 # ---------------------------------------------------------------------------------------------------- writer
 
 def writer_rate(seconds: float, threads: int) -> float:
