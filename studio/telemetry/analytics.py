@@ -134,16 +134,34 @@ def cache_frame(rows: list[dict]) -> pd.DataFrame:
 def _objects(values: pa.ChunkedArray) -> pd.Series:
     """Python values as orjson gives them (nested objects compacted), None where null; dtype object, not the
     text dtype pandas would infer."""
+    values = values.combine_chunks()
     if pa.types.is_string(values.type):
         return pd.Series(values.to_numpy(zero_copy_only=False), dtype=object)
     out = np.full(len(values), None, dtype=object)
     if values.null_count < len(values):
-        valid = np.flatnonzero(values.is_valid().to_numpy(zero_copy_only=False))
-        items = values.take(valid).to_pylist()
-        if pa.types.is_nested(values.type):
-            items = map(_compact, items)
-        out[valid] = np.fromiter(items, dtype=object, count=len(valid))
+        present = values.drop_null()
+        if pa.types.is_nested(present.type):
+            items = np.fromiter(_python_objects(present), dtype=object, count=len(present))
+        else:  # numbers and booleans: numpy makes the Python objects
+            items = present.to_numpy(zero_copy_only=False).astype(object)
+        out[values.is_valid().to_numpy(zero_copy_only=False)] = items
     return pd.Series(out, dtype=object)
+
+
+def _python_objects(values: pa.Array) -> list:
+    """Nested values, compacted. Objects of plain fields (adapters, most extras) are built once per distinct
+    value and copied for each row, which costs a fraction of building each."""
+    if not pa.types.is_struct(values.type) or any(pa.types.is_nested(f.type) for f in values.type):
+        return [_compact(v) for v in values.to_pylist()]
+    names = [f.name for f in values.type]
+    built: dict[tuple, dict] = {}
+    rows = []
+    for key in zip(*(field.to_pylist() for field in values.flatten())) if names else [()] * len(values):
+        value = built.get(key)
+        if value is None:
+            value = built[key] = {name: v for name, v in zip(names, key) if v is not None}
+        rows.append(value.copy())
+    return rows
 
 
 def _arrow_category(values: pa.ChunkedArray) -> pd.Categorical:
@@ -155,7 +173,8 @@ def _arrow_category(values: pa.ChunkedArray) -> pd.Categorical:
     rank[order] = np.arange(len(names))
     rank[-1] = -1  # null: the index -1 picks this slot
     codes = rank[encoded.indices.fill_null(-1).to_numpy()]
-    return pd.Categorical.from_codes(codes, categories=pd.Index([names[i] for i in order], dtype="str"))
+    return pd.Categorical.from_codes(codes, categories=pd.Index([names[i] for i in order], dtype="str"),
+                                     validate=False)
 
 
 def _from_arrow(table: pa.Table, kind: _Kind) -> pd.DataFrame:
@@ -248,17 +267,22 @@ class LogReader:
         # Two files at a time: arrow parses one without the GIL while Python converts the other.
         with ThreadPoolExecutor(2) as pool:
             states = list(pool.map(lambda path: self._update(path, kind), chosen))
-        frames = [state.frame for state in states if state.frame is not None]
-        return self._join(prefix, frames, kind), sum(state.bad + state.open_tail for state in states)
+        return self._join(prefix, [state for state in states if state.frame is not None], kind), sum(
+            state.bad + state.open_tail for state in states)
 
-    def _join(self, prefix: str, frames: list[pd.DataFrame], kind: _Kind) -> pd.DataFrame:
-        """The files' frames as one; the previous one again while none changed (each change of filter reads)."""
-        if not frames:
+    def _join(self, prefix: str, states: list[_FileState], kind: _Kind) -> pd.DataFrame:
+        """The files' frames as one; the previous one again while none changed (each change of filter reads).
+        The files' frames then become views of it, so their rows are held once."""
+        if not states:
             return _frame([], kind)
         joined_from, joined = self._joined.get(prefix, ([], None))
-        if len(joined_from) != len(frames) or any(a is not b for a, b in zip(joined_from, frames)):
-            joined = _concat(frames, kind.categorical)
-            self._joined[prefix] = (frames, joined)
+        if len(joined_from) != len(states) or any(a is not s.frame for a, s in zip(joined_from, states)):
+            joined = _concat([state.frame for state in states], kind.categorical)
+            start = 0
+            for state in states:
+                rows = joined.iloc[start:start + len(state.frame)].reset_index(drop=True)  # a view, not a copy
+                state.frame, start = rows, start + len(rows)
+            self._joined[prefix] = ([state.frame for state in states], joined)
         return joined
 
     def _update(self, path: Path, kind: _Kind) -> _FileState:
