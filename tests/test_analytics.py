@@ -233,24 +233,40 @@ def test_refresh_parses_only_appended_bytes(tmp_path, monkeypatch):
     assert reader.read().requests is logs.requests and parsed == []  # nothing new: nothing parsed or joined
 
 
+def _pieces_read(data: bytes) -> tuple[list[pd.DataFrame], int]:
+    """The reader's way with new bytes: parse into pieces, convert them."""
+    pieces, bad = analytics._parse(data, analytics._requests())
+    return analytics._convert(pieces, analytics._requests())[1], bad
+
+
 def test_arrow_and_line_by_line_reads_type_rows_alike():
     """Every row arrow accepts becomes the frame the line-by-line path makes of it, so how the bytes were split
     into pieces never shows in the result; rows arrow refuses (a number as text) are read line by line."""
     data = b"".join(_line(i) for i in range(120)) + b'{"ts": "2026-01-05T13:00:00+01:00", "faces": 7}\n'
     rows, bad = analytics.parse_lines(data)
     expected = analytics.requests_frame(rows)
-    frames, skipped = analytics._parse(data, analytics._requests())
+    frames, skipped = _pieces_read(data)
     assert len(frames) == 1 and bad == skipped == 0
     pd.testing.assert_frame_equal(frames[0], expected)
     assert expected["extra"][0] == {"pieces": 0, "parts": [{"v": 0}]}
     assert str(expected["ts"].iloc[-1]) == "2026-01-05 12:00:00+00:00"
 
     odd = data + b'{"ts": "2026-01-05T14:00:00.000Z", "latency_ms": "12.5", "model": 7}\n'
-    frames, skipped = analytics._parse(odd, analytics._requests())
+    frames, skipped = _pieces_read(odd)
     df = analytics._concat(frames, analytics.CATEGORICAL)
     assert skipped == 0 and len(df) == len(rows) + 1
     assert df["latency_ms"].iloc[-1] == 12.5 and df["model"].iloc[-1] == "7"
     pd.testing.assert_frame_equal(_categories_sorted(df.iloc[:-1]), _categories_sorted(expected))
+
+
+def test_files_whose_types_do_not_merge_are_converted_one_by_one(tmp_path):
+    (tmp_path / "requests-2026-01-05.jsonl").write_text("".join(json.dumps({**_row(i), "session": "s"}) + "\n"
+                                                                for i in (1, 2)))
+    (tmp_path / "requests-2026-01-06.jsonl").write_text(json.dumps({**_row(3, day=6), "session": {"id": 7}}) + "\n")
+    df = LogReader(tmp_path).read().requests
+    assert df["session"].tolist() == ["s", "s", {"id": 7}] and df["seed"].tolist() == [1, 2, 3]
+    slow, _ = _line_by_line(tmp_path)
+    pd.testing.assert_frame_equal(_categories_sorted(df), _categories_sorted(slow))
 
 
 def test_export_csv_round_trip(folder, tmp_path):

@@ -39,11 +39,14 @@ FIGURES = ("requests", "latency", "chat", "errors", "cache", "adapters")
 
 # ---------------------------------------------------------------------------------------------------- reading
 
-# A file's new bytes go to pyarrow's JSON reader (C++, on every core) in one piece. A piece it refuses (a torn
-# line, a value of an unexpected type) is halved until the fault is confined to a few kilobytes, which are read
-# line by line with orjson: a damaged line costs its neighbours some speed, never their rows. Arrow cannot tell
-# a key that is absent from one that is null inside an object, so nested objects (adapters, extra) drop their
-# null-valued keys whichever way they were read, and any split of the same bytes gives the same rows.
+# A file's new bytes go to pyarrow's JSON reader (C++, off the GIL, on every core) in one piece. A piece it
+# refuses (a torn line, a value of an unexpected type) is halved until the fault is confined to a few kilobytes,
+# which are read line by line with orjson: a damaged line costs its neighbours some speed, never their rows. The
+# tables of one read are converted to pandas together (per-file conversion would dominate a year of small files).
+# The two paths type a row alike, so how the bytes were split (a cold read, refreshes, damage) never shows in the
+# frames, with two provisos: arrow cannot tell a key that is absent from one that is null inside an object, so
+# nested objects (adapters, extra) drop their null-valued keys on both paths; and where a column mixes integers
+# and fractions (never in the writer's own columns), arrow's integers come back as floats.
 
 _LINE_BY_LINE = 64 * 1024  # bytes: a refused piece this small is read line by line
 _HEAD = 64  # bytes compared to notice a file rewritten in place
@@ -197,12 +200,14 @@ def _from_arrow(table: pa.Table, kind: _Kind) -> pd.DataFrame:
     return pd.DataFrame(data, columns=list(kind.columns), copy=False)  # no copy into consolidated blocks
 
 
-def _parse(data: bytes, kind: _Kind) -> tuple[list[pd.DataFrame], int]:
-    """Frames of the rows in newline-terminated `data`, in order, and how many lines were not JSON objects."""
+Piece = pa.Table | pd.DataFrame  # rows parsed by arrow, still to convert, or a frame of rows arrow refused
+
+
+def _parse(data: bytes, kind: _Kind) -> tuple[list[Piece], int]:
+    """The rows of newline-terminated `data`, in order, and how many lines were not JSON objects."""
     try:
-        table = pj.read_json(pa.BufferReader(data), parse_options=pj.ParseOptions(
-            explicit_schema=kind.schema(), unexpected_field_behavior="infer"))
-        return [_from_arrow(table, kind)], 0
+        return [pj.read_json(pa.BufferReader(data), parse_options=pj.ParseOptions(
+            explicit_schema=kind.schema(), unexpected_field_behavior="infer"))], 0
     except pa.ArrowException:
         cut = data.find(b"\n", len(data) // 2) + 1
         if len(data) <= _LINE_BY_LINE or cut >= len(data):
@@ -211,6 +216,24 @@ def _parse(data: bytes, kind: _Kind) -> tuple[list[pd.DataFrame], int]:
         first, bad = _parse(data[:cut], kind)
         second, more = _parse(data[cut:], kind)
         return first + second, bad + more
+
+
+def _convert(pieces: list[Piece], kind: _Kind) -> tuple[pd.DataFrame | None, list[pd.DataFrame]]:
+    """A frame for each piece, in order. The arrow tables are converted together, which costs far less than one
+    conversion each when there are many small files; their frames are views of that whole (also returned)."""
+    tables = [piece for piece in pieces if isinstance(piece, pa.Table)]
+    if not tables:
+        return None, list(pieces)
+    try:
+        whole = _from_arrow(pa.concat_tables(tables, promote_options="permissive"), kind)
+    except pa.ArrowException:  # types that no promotion reconciles (text here, objects there): one at a time
+        return None, [_from_arrow(p, kind) if isinstance(p, pa.Table) else p for p in pieces]
+    frames, start = [], 0
+    for piece in pieces:
+        if isinstance(piece, pa.Table):
+            piece, start = whole.iloc[start:start + piece.num_rows].reset_index(drop=True), start + piece.num_rows
+        frames.append(piece)
+    return whole, frames
 
 
 def _concat(frames: list[pd.DataFrame], categorical: Sequence[str]) -> pd.DataFrame:
@@ -264,52 +287,63 @@ class LogReader:
         for gone in [p for p in self._files if p.name.startswith(prefix) and p not in paths]:
             del self._files[gone]
         chosen = [path for path in paths if first <= path.stem[len(prefix) + 1:] <= last]
-        # Two files at a time: arrow parses one without the GIL while Python converts the other.
-        with ThreadPoolExecutor(2) as pool:
-            states = list(pool.map(lambda path: self._update(path, kind), chosen))
-        return self._join(prefix, [state for state in states if state.frame is not None], kind), sum(
-            state.bad + state.open_tail for state in states)
+        with ThreadPoolExecutor(2) as pool:  # arrow parses without the GIL: two files at a time
+            updates = list(pool.map(lambda path: self._update(path, kind), chosen))
+        whole, frames = _convert([piece for _, pieces in updates for piece in pieces], kind)
+        # A first read of every file, all parsed by arrow: `whole` is already the files' rows, in order.
+        first_read = whole is not None and all(state.frame is None and all(isinstance(p, pa.Table) for p in pieces)
+                                               for state, pieces in updates)
+        frames = iter(frames)
+        for state, pieces in updates:
+            new = [next(frames) for _ in pieces]
+            if new:
+                state.frame = _concat(([state.frame] if state.frame is not None else []) + new, kind.categorical)
+        states = [state for state, _ in updates if state.frame is not None]
+        joined = self._join(prefix, states, kind, whole if first_read else None)
+        return joined, sum(state.bad + state.open_tail for state, _ in updates)
 
-    def _join(self, prefix: str, states: list[_FileState], kind: _Kind) -> pd.DataFrame:
-        """The files' frames as one; the previous one again while none changed (each change of filter reads).
-        The files' frames then become views of it, so their rows are held once."""
+    def _join(self, prefix: str, states: list[_FileState], kind: _Kind, whole: pd.DataFrame | None) -> pd.DataFrame:
+        """The files' frames as one (`whole` when given); the previous one again while none changed (each change
+        of filter reads). The files' frames then become views of it, so their rows are held once."""
         if not states:
             return _frame([], kind)
         joined_from, joined = self._joined.get(prefix, ([], None))
-        if len(joined_from) != len(states) or any(a is not s.frame for a, s in zip(joined_from, states)):
+        if whole is not None:
+            joined = whole
+        elif len(joined_from) != len(states) or any(a is not s.frame for a, s in zip(joined_from, states)):
             joined = _concat([state.frame for state in states], kind.categorical)
             start = 0
             for state in states:
                 rows = joined.iloc[start:start + len(state.frame)].reset_index(drop=True)  # a view, not a copy
                 state.frame, start = rows, start + len(rows)
-            self._joined[prefix] = ([state.frame for state in states], joined)
+        self._joined[prefix] = ([state.frame for state in states], joined)
         return joined
 
-    def _update(self, path: Path, kind: _Kind) -> _FileState:
+    def _update(self, path: Path, kind: _Kind) -> tuple[_FileState, list[Piece]]:
+        """The file's state and the rows appended since the last read, parsed (not yet converted)."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return self._files.pop(path, _FileState(0))
+            self._files.pop(path, None)
+            return _FileState(0), []
         state = self._files.get(path)
         if state is None or state.inode != st.st_ino or st.st_size < state.offset:  # new, replaced or truncated
             state = self._files[path] = _FileState(st.st_ino)
-        if st.st_size > state.offset:
-            with open(path, "rb") as fh:
-                head = fh.read(_HEAD)
-                if not head.startswith(state.head):  # truncated, then grew past where we were
-                    state = self._files[path] = _FileState(st.st_ino)
-                state.head = head
-                fh.seek(state.offset)
-                data = fh.read(st.st_size - state.offset)
-            complete = data.rfind(b"\n") + 1
-            state.open_tail = complete < len(data)
-            if complete:
-                frames, bad = _parse(data[:complete], kind)
-                state.offset += complete
-                state.bad += bad
-                old = [state.frame] if state.frame is not None else []
-                state.frame = _concat(old + frames, kind.categorical)
-        return state
+        if st.st_size <= state.offset:
+            return state, []
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD)
+            if not head.startswith(state.head):  # truncated, then grew past where we were
+                state = self._files[path] = _FileState(st.st_ino)
+            state.head = head
+            fh.seek(state.offset)
+            data = fh.read(st.st_size - state.offset)
+        complete = data.rfind(b"\n") + 1
+        state.open_tail = complete < len(data)
+        pieces, bad = _parse(data[:complete], kind) if complete else ([], 0)
+        state.offset += complete
+        state.bad += bad
+        return state, pieces
 
 
 # ---------------------------------------------------------------------------------------------------- filters
