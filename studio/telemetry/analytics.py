@@ -200,10 +200,10 @@ def _from_arrow(table: pa.Table, kind: _Kind) -> pd.DataFrame:
     return pd.DataFrame(data, columns=list(kind.columns), copy=False)  # no copy into consolidated blocks
 
 
-Piece = pa.Table | pd.DataFrame  # rows parsed by arrow, still to convert, or a frame of rows arrow refused
+_Piece = pa.Table | pd.DataFrame  # rows parsed by arrow, still to convert, or a frame of rows arrow refused
 
 
-def _parse(data: bytes, kind: _Kind) -> tuple[list[Piece], int]:
+def _parse(data: bytes, kind: _Kind) -> tuple[list[_Piece], int]:
     """The rows of newline-terminated `data`, in order, and how many lines were not JSON objects."""
     try:
         return [pj.read_json(pa.BufferReader(data), parse_options=pj.ParseOptions(
@@ -218,7 +218,7 @@ def _parse(data: bytes, kind: _Kind) -> tuple[list[Piece], int]:
         return first + second, bad + more
 
 
-def _convert(pieces: list[Piece], kind: _Kind) -> tuple[pd.DataFrame | None, list[pd.DataFrame]]:
+def _convert(pieces: list[_Piece], kind: _Kind) -> tuple[pd.DataFrame | None, list[pd.DataFrame]]:
     """A frame for each piece, in order. The arrow tables are converted together, which costs far less than one
     conversion each when there are many small files; their frames are views of that whole (also returned)."""
     tables = [piece for piece in pieces if isinstance(piece, pa.Table)]
@@ -249,7 +249,7 @@ def _concat(frames: list[pd.DataFrame], categorical: Sequence[str]) -> pd.DataFr
 @dataclass
 class _FileState:
     inode: int
-    head: bytes = b""  # the file's first bytes when first read: a file truncated and rewritten since differs
+    head: bytes = b""  # the file's first bytes at the last read: a file truncated and rewritten since differs
     offset: int = 0  # bytes parsed so far: always just after a newline
     frame: pd.DataFrame | None = None
     bad: int = 0  # invalid lines skipped
@@ -319,7 +319,7 @@ class LogReader:
         self._joined[prefix] = ([state.frame for state in states], joined)
         return joined
 
-    def _update(self, path: Path, kind: _Kind) -> tuple[_FileState, list[Piece]]:
+    def _update(self, path: Path, kind: _Kind) -> tuple[_FileState, list[_Piece]]:
         """The file's state and the rows appended since the last read, parsed (not yet converted)."""
         try:
             st = os.stat(path)
