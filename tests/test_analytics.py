@@ -132,6 +132,145 @@ def test_reader_reads_only_new_bytes_and_notices_a_replaced_file(folder):
     assert len(reader.read().requests) == 1
 
 
+def _row(i: int, day: int = 5) -> dict:
+    """A varied request row: some lack columns (older versions), carry unknown keys, adapters or nested extras
+    with null values (which any read drops, see analytics' reading section)."""
+    row = {**(CHAT if i % 3 else IMAGE), "ts": f"2026-01-{day:02d}T{10 + i // 60:02d}:{i % 60:02d}:00.000Z",
+           "request_id": f"{i:032x}", "status": ("ok", "error", "stopped")[i % 5 % 3], "seed": i,
+           "latency_ms": 10 + i if i % 4 else 10.5 + i, "external": i % 6 == 0}
+    if i % 3 == 0:
+        row["adapters"] = {"pixel": 0.5, "ink": 1.0} if i % 2 else {"pixel": 0.8}
+    if i % 5 == 0:
+        row["extra"] = {"pieces": i % 4, "note": None, "parts": [{"k": None, "v": i}]}
+    if i % 7 == 0:
+        row["retired_column"] = [1, 2]
+    if i % 11 == 0:
+        del row["client"]
+    return row
+
+
+def _line(i: int, day: int = 5) -> bytes:
+    return json.dumps(_row(i, day)).encode() + b"\n"
+
+
+def _categories_sorted(df: pd.DataFrame) -> pd.DataFrame:
+    """Category order depends on the order rows were read in; values must not."""
+    used = {c: df[c].cat.remove_unused_categories() for c in analytics.CATEGORICAL}
+    return df.assign(**{c: s.cat.set_categories(sorted(s.cat.categories)) for c, s in used.items()})
+
+
+def _line_by_line(folder: Path) -> tuple[pd.DataFrame, int]:
+    """The request files read again the slow, obvious way: every complete line through orjson."""
+    frames, partial = [], 0
+    for path in sorted(folder.glob("requests-*.jsonl")):
+        data = path.read_bytes()
+        complete = data.rfind(b"\n") + 1
+        rows, bad = analytics.parse_lines(data[:complete])
+        frames.append(analytics.requests_frame(rows))
+        partial += bad + (complete < len(data))
+    return analytics._concat(frames, analytics.CATEGORICAL), partial
+
+
+def _agree(reader: LogReader, folder: Path, partial: int) -> None:
+    """The reader's refresh equals a cold read by a new reader and the line-by-line read, skipped lines too."""
+    warm, cold = reader.read(), LogReader(folder).read()
+    slow, slow_partial = _line_by_line(folder)
+    assert warm.partial == cold.partial == slow_partial == partial
+    pd.testing.assert_frame_equal(_categories_sorted(warm.requests), _categories_sorted(cold.requests))
+    pd.testing.assert_frame_equal(_categories_sorted(cold.requests), _categories_sorted(slow))
+
+
+@pytest.mark.parametrize("piece", [analytics._LINE_BY_LINE, 512])
+def test_incremental_reads_agree_with_full_rereads(tmp_path, monkeypatch, piece):
+    """Torn middle lines, an unterminated last line, appends, a rotated, a truncated and a deleted file; with
+    small pieces the reader halves refused pieces many times over."""
+    monkeypatch.setattr(analytics, "_LINE_BY_LINE", piece)
+    first, second = tmp_path / "requests-2026-01-05.jsonl", tmp_path / "requests-2026-01-06.jsonl"
+    first.write_bytes(b"".join(_line(i) for i in range(40)) + b'{"ts": "2026-01-05T11:0\n'
+                      + b"".join(_line(i) for i in range(40, 150)) + b'{"model": "tiny-llama", "st\n'
+                      + _line(150))
+    row = _line(0, day=6)
+    second.write_bytes(b"".join(_line(i, day=6) for i in range(1, 60)) + row[:30])  # a row being written
+    reader = LogReader(tmp_path)
+    _agree(reader, tmp_path, partial=3)
+
+    with open(second, "ab") as fh:  # the row completed, more rows, a writer killed mid-row, the next one
+        fh.write(row[30:] + b"".join(_line(i, day=6) for i in range(60, 90)) + _line(90, day=6)[:25] + b"\n"
+                 + _line(91, day=6))
+    _agree(reader, tmp_path, partial=3)
+
+    rotated = tmp_path / "rotated.tmp"  # replaced by a new file (new inode), smaller
+    rotated.write_bytes(b"".join(_line(i) for i in range(200, 220)))
+    rotated.replace(first)
+    _agree(reader, tmp_path, partial=1)
+
+    with open(second, "r+b") as fh:  # truncated in place to its first 10 rows
+        fh.truncate(len(b"".join(_line(i, day=6) for i in range(1, 11))))
+    _agree(reader, tmp_path, partial=0)
+
+    with open(second, "r+b") as fh:  # truncated and rewritten past where the reader was (copytruncate)
+        fh.truncate(0)
+        fh.write(b"".join(_line(i, day=6) for i in range(300, 330)))
+    _agree(reader, tmp_path, partial=0)
+
+    first.unlink()
+    _agree(reader, tmp_path, partial=0)
+    assert reader.read().requests["request_id"].tolist() == [f"{i:032x}" for i in range(300, 330)]
+
+
+def test_refresh_parses_only_appended_bytes(tmp_path, monkeypatch):
+    path = tmp_path / "requests-2026-01-05.jsonl"
+    path.write_bytes(b"".join(_line(i) for i in range(100)))
+    reader = LogReader(tmp_path)
+    assert len(reader.read().requests) == 100
+    parsed = []
+    real = analytics._parse
+    monkeypatch.setattr(analytics, "_parse", lambda data, kind: parsed.append(len(data)) or real(data, kind))
+    new = b"".join(_line(i) for i in range(100, 103))
+    with open(path, "ab") as fh:
+        fh.write(new + b'{"ts": "2026')
+    logs = reader.read()
+    assert parsed == [len(new)] and (len(logs.requests), logs.partial) == (103, 1)
+    parsed.clear()
+    assert reader.read().requests is logs.requests and parsed == []  # nothing new: nothing parsed or joined
+
+
+def _pieces_read(data: bytes) -> tuple[list[pd.DataFrame], int]:
+    """The reader's way with new bytes: parse into pieces, convert them."""
+    pieces, bad = analytics._parse(data, analytics._requests())
+    return analytics._convert(pieces, analytics._requests())[1], bad
+
+
+def test_arrow_and_line_by_line_reads_type_rows_alike():
+    """Every row arrow accepts becomes the frame the line-by-line path makes of it, so how the bytes were split
+    into pieces never shows in the result; rows arrow refuses (a number as text) are read line by line."""
+    data = b"".join(_line(i) for i in range(120)) + b'{"ts": "2026-01-05T13:00:00+01:00", "faces": 7}\n'
+    rows, bad = analytics.parse_lines(data)
+    expected = analytics.requests_frame(rows)
+    frames, skipped = _pieces_read(data)
+    assert len(frames) == 1 and bad == skipped == 0
+    pd.testing.assert_frame_equal(frames[0], expected)
+    assert expected["extra"][0] == {"pieces": 0, "parts": [{"v": 0}]}
+    assert str(expected["ts"].iloc[-1]) == "2026-01-05 12:00:00+00:00"
+
+    odd = data + b'{"ts": "2026-01-05T14:00:00.000Z", "latency_ms": "12.5", "model": 7}\n'
+    frames, skipped = _pieces_read(odd)
+    df = analytics._concat(frames, analytics.CATEGORICAL)
+    assert skipped == 0 and len(df) == len(rows) + 1
+    assert df["latency_ms"].iloc[-1] == 12.5 and df["model"].iloc[-1] == "7"
+    pd.testing.assert_frame_equal(_categories_sorted(df.iloc[:-1]), _categories_sorted(expected))
+
+
+def test_files_whose_types_do_not_merge_are_converted_one_by_one(tmp_path):
+    (tmp_path / "requests-2026-01-05.jsonl").write_text("".join(json.dumps({**_row(i), "session": "s"}) + "\n"
+                                                                for i in (1, 2)))
+    (tmp_path / "requests-2026-01-06.jsonl").write_text(json.dumps({**_row(3, day=6), "session": {"id": 7}}) + "\n")
+    df = LogReader(tmp_path).read().requests
+    assert df["session"].tolist() == ["s", "s", {"id": 7}] and df["seed"].tolist() == [1, 2, 3]
+    slow, _ = _line_by_line(tmp_path)
+    pd.testing.assert_frame_equal(_categories_sorted(df), _categories_sorted(slow))
+
+
 def test_export_csv_round_trip(folder, tmp_path):
     rows = report(LogReader(folder).read(), Filters(modalities=("image",))).rows
     out = export_csv(rows, tmp_path / "out.csv")

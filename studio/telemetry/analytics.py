@@ -11,14 +11,19 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
 import orjson
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 import plotly.graph_objects as go
 from pandas.api.types import union_categoricals
 
@@ -34,12 +39,49 @@ FIGURES = ("requests", "latency", "chat", "errors", "cache", "adapters")
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+# A file's new bytes go to pyarrow's JSON reader (C++, off the GIL, on every core) in one piece. A piece it
+# refuses (a torn line, a value of an unexpected type) is halved until the fault is confined to a few kilobytes,
+# which are read line by line with orjson: a damaged line costs its neighbours some speed, never their rows. The
+# tables of one read are converted to pandas together (per-file conversion would dominate a year of small files).
+# The two paths type a row alike, so how the bytes were split (a cold read, refreshes, damage) never shows in the
+# frames, with two provisos: arrow cannot tell a key that is absent from one that is null inside an object, so
+# nested objects (adapters, extra) drop their null-valued keys on both paths; and where a column mixes integers
+# and fractions (never in the writer's own columns), arrow's integers come back as floats.
+
+_LINE_BY_LINE = 64 * 1024  # bytes: a refused piece this small is read line by line
+_HEAD = 64  # bytes compared to notice a file rewritten in place
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """The columns of one family of log files and how they are typed (other columns stay Python objects)."""
+
+    columns: Sequence[str]
+    numeric: Sequence[str]
+    categorical: Sequence[str]
+
+    def schema(self) -> pa.Schema:
+        """The types arrow is told; the other columns' types it infers (text, ids, seeds, nested objects)."""
+        told = {"ts": pa.timestamp("us", "UTC"), **dict.fromkeys(self.numeric, pa.float64()),
+                **dict.fromkeys(self.categorical, pa.string())}
+        return pa.schema([(c, told[c]) for c in self.columns if c in told])
+
+
+def _requests() -> _Kind:
+    return _Kind(columns(), numeric(), CATEGORICAL)
+
+
+def _cache() -> _Kind:
+    return _Kind(CACHE_COLUMNS, ("seconds", "bytes"), CACHE_CATEGORICAL)
+
+
 def parse_lines(data: bytes) -> tuple[list[dict], int]:
-    """The JSON objects in newline-terminated `data`, and how many lines were not one (torn rows)."""
+    """The JSON objects in newline-terminated `data`, and how many lines were not one (torn rows); blank lines
+    are neither, as for arrow."""
     rows, bad = [], 0
     loads, error = orjson.loads, orjson.JSONDecodeError
     for line in data.split(b"\n"):
-        if not line:
+        if not line or line.isspace():
             continue
         try:
             row = loads(line)
@@ -53,17 +95,34 @@ def parse_lines(data: bytes) -> tuple[list[dict], int]:
     return rows, bad
 
 
-def _frame(rows: list[dict], columns: Sequence[str], numeric: Sequence[str],
-           categorical: Sequence[str]) -> pd.DataFrame:
-    """Rows as a frame with exactly `columns` and fixed dtypes, whatever the rows hold (rows from an older
-    version may lack some columns); text, ids and nested values stay Python objects."""
-    df = pd.DataFrame({c: [r.get(c) for r in rows] for c in columns}, columns=list(columns), dtype=object)
-    df["ts"] = pd.to_datetime(df["ts"], utc=True, format="ISO8601").astype("datetime64[us, UTC]")
-    for c in numeric:
+def _compact(value: object) -> object:
+    """`value` with the null-valued keys of its objects dropped, at any depth (see the section's comment)."""
+    if type(value) is dict:
+        return {k: _compact(v) if type(v) in _NESTED else v for k, v in value.items() if v is not None}
+    if type(value) is list:
+        return [_compact(v) if type(v) in _NESTED else v for v in value]
+    return value
+
+
+_NESTED = (dict, list)
+
+
+def _category(values: pd.Series) -> pd.Series:
+    """Categorical with text categories, so frames of new rows concatenate (see _concat)."""
+    values = values.astype("category")
+    return values.cat.rename_categories(values.cat.categories.astype("str"))
+
+
+def _frame(rows: list[dict], kind: _Kind) -> pd.DataFrame:
+    """Rows as a frame with exactly the kind's columns and fixed dtypes, whatever the rows hold (rows from an
+    older version may lack some columns); text, ids and nested values stay Python objects."""
+    df = pd.DataFrame({c: [_compact(r.get(c)) for r in rows] for c in kind.columns}, columns=list(kind.columns),
+                      dtype=object)
+    df["ts"] = pd.to_datetime(df["ts"], utc=True, format="ISO8601", errors="coerce").astype("datetime64[us, UTC]")
+    for c in kind.numeric:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
-    for c in categorical:  # categories always text, so frames of new rows concatenate (see _concat)
-        values = df[c].astype("category")
-        df[c] = values.cat.rename_categories(values.cat.categories.astype("str"))
+    for c in kind.categorical:
+        df[c] = _category(df[c])
     return df
 
 
@@ -73,11 +132,113 @@ def numeric() -> tuple[str, ...]:
 
 
 def requests_frame(rows: list[dict]) -> pd.DataFrame:
-    return _frame(rows, columns(), numeric(), CATEGORICAL)
+    return _frame(rows, _requests())
 
 
 def cache_frame(rows: list[dict]) -> pd.DataFrame:
-    return _frame(rows, CACHE_COLUMNS, ("seconds", "bytes"), CACHE_CATEGORICAL)
+    return _frame(rows, _cache())
+
+
+def _objects(values: pa.ChunkedArray) -> pd.Series:
+    """Python values as orjson gives them (nested objects compacted), None where null; dtype object, not the
+    text dtype pandas would infer."""
+    values = values.combine_chunks()
+    if pa.types.is_string(values.type):
+        return pd.Series(values.to_numpy(zero_copy_only=False), dtype=object)
+    out = np.full(len(values), None, dtype=object)
+    if values.null_count < len(values):
+        present = values.drop_null()
+        if pa.types.is_nested(present.type):
+            items = np.fromiter(_python_objects(present), dtype=object, count=len(present))
+        else:  # numbers and booleans: numpy makes the Python objects
+            items = present.to_numpy(zero_copy_only=False).astype(object)
+        out[values.is_valid().to_numpy(zero_copy_only=False)] = items
+    return pd.Series(out, dtype=object)
+
+
+def _python_objects(values: pa.Array) -> list:
+    """Nested values, compacted. Objects of plain fields (adapters, most extras) are built once per distinct
+    value and copied for each row, which costs a fraction of building each."""
+    if not pa.types.is_struct(values.type) or any(pa.types.is_nested(f.type) for f in values.type):
+        return [_compact(v) for v in values.to_pylist()]
+    names = [f.name for f in values.type]
+    built: dict[tuple, dict] = {}
+    rows = []
+    for key in zip(*(field.to_pylist() for field in values.flatten())) if names else [()] * len(values):
+        value = built.get(key)
+        if value is None:
+            value = built[key] = {name: v for name, v in zip(names, key) if v is not None}
+        rows.append(value.copy())
+    return rows
+
+
+def _arrow_category(values: pa.ChunkedArray) -> pd.Categorical:
+    """Text as a categorical with sorted text categories, as `_category` makes it, encoded by arrow."""
+    encoded = pc.dictionary_encode(values.combine_chunks())
+    names = encoded.dictionary.to_pylist()
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = np.empty(len(names) + 1, dtype=np.int64)
+    rank[order] = np.arange(len(names))
+    rank[-1] = -1  # null: the index -1 picks this slot
+    codes = rank[encoded.indices.fill_null(-1).to_numpy()]
+    return pd.Categorical.from_codes(codes, categories=pd.Index([names[i] for i in order], dtype="str"),
+                                     validate=False)
+
+
+def _from_arrow(table: pa.Table, kind: _Kind) -> pd.DataFrame:
+    """An arrow table of rows as a frame typed exactly as `_frame` types the same rows."""
+    told = kind.schema()
+    data = {}
+    for c in kind.columns:
+        if c in table.column_names:
+            values = table.column(c)
+        else:  # no row of this piece has the column
+            values = pa.chunked_array([pa.nulls(table.num_rows, told.field(c).type if c in told.names else None)])
+        if c == "ts":
+            data[c] = values.to_pandas()
+        elif c in kind.numeric:
+            data[c] = values.to_numpy()
+        elif c in kind.categorical:
+            data[c] = _arrow_category(values)
+        else:
+            data[c] = _objects(values)
+    return pd.DataFrame(data, columns=list(kind.columns), copy=False)  # no copy into consolidated blocks
+
+
+_Piece = pa.Table | pd.DataFrame  # rows parsed by arrow, still to convert, or a frame of rows arrow refused
+
+
+def _parse(data: bytes, kind: _Kind) -> tuple[list[_Piece], int]:
+    """The rows of newline-terminated `data`, in order, and how many lines were not JSON objects."""
+    try:
+        return [pj.read_json(pa.BufferReader(data), parse_options=pj.ParseOptions(
+            explicit_schema=kind.schema(), unexpected_field_behavior="infer"))], 0
+    except pa.ArrowException:
+        cut = data.find(b"\n", len(data) // 2) + 1
+        if len(data) <= _LINE_BY_LINE or cut >= len(data):
+            rows, bad = parse_lines(data)
+            return [_frame(rows, kind)], bad
+        first, bad = _parse(data[:cut], kind)
+        second, more = _parse(data[cut:], kind)
+        return first + second, bad + more
+
+
+def _convert(pieces: list[_Piece], kind: _Kind) -> tuple[pd.DataFrame | None, list[pd.DataFrame]]:
+    """A frame for each piece, in order. The arrow tables are converted together, which costs far less than one
+    conversion each when there are many small files; their frames are views of that whole (also returned)."""
+    tables = [piece for piece in pieces if isinstance(piece, pa.Table)]
+    if not tables:
+        return None, list(pieces)
+    try:
+        whole = _from_arrow(pa.concat_tables(tables, promote_options="permissive"), kind)
+    except pa.ArrowException:  # types that no promotion reconciles (text here, objects there): one at a time
+        return None, [_from_arrow(p, kind) if isinstance(p, pa.Table) else p for p in pieces]
+    frames, start = [], 0
+    for piece in pieces:
+        if isinstance(piece, pa.Table):
+            piece, start = whole.iloc[start:start + piece.num_rows].reset_index(drop=True), start + piece.num_rows
+        frames.append(piece)
+    return whole, frames
 
 
 def _concat(frames: list[pd.DataFrame], categorical: Sequence[str]) -> pd.DataFrame:
@@ -93,6 +254,7 @@ def _concat(frames: list[pd.DataFrame], categorical: Sequence[str]) -> pd.DataFr
 @dataclass
 class _FileState:
     inode: int
+    head: bytes = b""  # the file's first bytes at the last read: a file truncated and rewritten since differs
     offset: int = 0  # bytes parsed so far: always just after a newline
     frame: pd.DataFrame | None = None
     bad: int = 0  # invalid lines skipped
@@ -112,53 +274,81 @@ class LogReader:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._files: dict[Path, _FileState] = {}
+        self._joined: dict[str, tuple[list[pd.DataFrame], pd.DataFrame]] = {}  # per family: frames -> concatenated
         self._lock = threading.Lock()
 
     def read(self, start: datetime | None = None, end: datetime | None = None) -> Logs:
         """Rows of the daily files that can hold [start, end) (a day's margin each side: filter for exact times)."""
         with self._lock:
-            requests, bad = self._family("requests", requests_frame, CATEGORICAL, start, end)
-            cache, cache_bad = self._family("cache", cache_frame, CACHE_CATEGORICAL, start, end)
+            requests, bad = self._family("requests", _requests(), start, end)
+            cache, cache_bad = self._family("cache", _cache(), start, end)
         return Logs(requests, cache, bad + cache_bad)
 
-    def _family(self, prefix: str, to_frame: Callable[[list[dict]], pd.DataFrame], categorical: Sequence[str],
-                start: datetime | None, end: datetime | None) -> tuple[pd.DataFrame, int]:
+    def _family(self, prefix: str, kind: _Kind, start: datetime | None,
+                end: datetime | None) -> tuple[pd.DataFrame, int]:
         first = (start - timedelta(days=1)).strftime("%Y-%m-%d") if start else ""
         last = (end + timedelta(days=1)).strftime("%Y-%m-%d") if end else "9999"
         paths = sorted(self.folder.glob(f"{prefix}-*.jsonl"))
         for gone in [p for p in self._files if p.name.startswith(prefix) and p not in paths]:
             del self._files[gone]
-        frames, partial = [], 0
-        for path in paths:
-            if first <= path.stem[len(prefix) + 1:] <= last:
-                state = self._update(path, to_frame, categorical)
-                partial += state.bad + state.open_tail
-                if state.frame is not None:
-                    frames.append(state.frame)
-        return (_concat(frames, categorical) if frames else to_frame([])), partial
+        chosen = [path for path in paths if first <= path.stem[len(prefix) + 1:] <= last]
+        with ThreadPoolExecutor(2) as pool:  # arrow parses without the GIL: two files at a time
+            updates = list(pool.map(lambda path: self._update(path, kind), chosen))
+        whole, frames = _convert([piece for _, pieces in updates for piece in pieces], kind)
+        # A first read of every file, all parsed by arrow: `whole` is already the files' rows, in order.
+        first_read = whole is not None and all(state.frame is None and all(isinstance(p, pa.Table) for p in pieces)
+                                               for state, pieces in updates)
+        frames = iter(frames)
+        for state, pieces in updates:
+            new = [next(frames) for _ in pieces]
+            if new:
+                state.frame = _concat(([state.frame] if state.frame is not None else []) + new, kind.categorical)
+        states = [state for state, _ in updates if state.frame is not None]
+        joined = self._join(prefix, states, kind, whole if first_read else None)
+        return joined, sum(state.bad + state.open_tail for state, _ in updates)
 
-    def _update(self, path: Path, to_frame: Callable[[list[dict]], pd.DataFrame],
-                categorical: Sequence[str]) -> _FileState:
+    def _join(self, prefix: str, states: list[_FileState], kind: _Kind, whole: pd.DataFrame | None) -> pd.DataFrame:
+        """The files' frames as one (`whole` when given); the previous one again while none changed (each change
+        of filter reads). The files' frames then become views of it, so their rows are held once."""
+        if not states:
+            return _frame([], kind)
+        joined_from, joined = self._joined.get(prefix, ([], None))
+        if whole is not None:
+            joined = whole
+        elif len(joined_from) != len(states) or any(a is not s.frame for a, s in zip(joined_from, states)):
+            joined = _concat([state.frame for state in states], kind.categorical)
+            start = 0
+            for state in states:
+                rows = joined.iloc[start:start + len(state.frame)].reset_index(drop=True)  # a view, not a copy
+                state.frame, start = rows, start + len(rows)
+        self._joined[prefix] = ([state.frame for state in states], joined)
+        return joined
+
+    def _update(self, path: Path, kind: _Kind) -> tuple[_FileState, list[_Piece]]:
+        """The file's state and the rows appended since the last read, parsed (not yet converted)."""
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            return self._files.pop(path, _FileState(0))
+            self._files.pop(path, None)
+            return _FileState(0), []
         state = self._files.get(path)
         if state is None or state.inode != st.st_ino or st.st_size < state.offset:  # new, replaced or truncated
             state = self._files[path] = _FileState(st.st_ino)
-        if st.st_size > state.offset:
-            with open(path, "rb") as fh:
-                fh.seek(state.offset)
-                data = fh.read(st.st_size - state.offset)
-            complete = data.rfind(b"\n") + 1
-            rows, bad = parse_lines(data[:complete])
-            state.offset += complete
-            state.bad += bad
-            state.open_tail = complete < len(data)
-            if rows:
-                new = to_frame(rows)
-                state.frame = new if state.frame is None else _concat([state.frame, new], categorical)
-        return state
+        if st.st_size <= state.offset:
+            return state, []
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD)
+            if not head.startswith(state.head):  # truncated, then grew past where we were
+                state = self._files[path] = _FileState(st.st_ino)
+            state.head = head
+            fh.seek(state.offset)
+            data = fh.read(st.st_size - state.offset)
+        complete = data.rfind(b"\n") + 1
+        state.open_tail = complete < len(data)
+        pieces, bad = _parse(data[:complete], kind) if complete else ([], 0)
+        state.offset += complete
+        state.bad += bad
+        return state, pieces
 
 
 # ---------------------------------------------------------------------------------------------------- filters
