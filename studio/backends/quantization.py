@@ -4,15 +4,18 @@ A catalog entry's `quantize` is one of QUANTIZE_CHOICES:
 - `int8`: weight-only int8 with one scale per output row, applied after loading by swapping the linear layers for
   `Int8Linear` (embeddings, norms, convolutions and biases keep the model's dtype; in a diffusers pipeline only
   the UNet or transformer is quantized). Activations are never quantized, so the logits stay close to the full
-  model's (cosine 0.998 on the TinyLlama architecture; torch's `quantize_dynamic` and int8 x int8 products,
-  which quantize activations too, gave 0.92-0.99). On the CPU, decoding (a few rows at a time) uses torch's
-  `_weight_int8pack_mm` kernel: it reads half the bytes of bfloat16 and decodes 1.5-1.9x faster; the prompt's
-  pass (many rows) dequantizes each weight for a dtype matmul and is about 2x slower than bfloat16
+  model's: cosine 0.998 on the TinyLlama architecture, where quantizing activations too gave 0.94 (torch's
+  `quantize_dynamic`), 0.985 (the same fbgemm kernel, per-row weights, full-range activations) and 0.9925
+  (torchao's int8 x int8 with per-token activations). On the CPU, decoding (a few rows at a time) uses torch's
+  `_weight_int8pack_mm` kernel on half the bytes of bfloat16: 1.3x faster per layer on one core, 1.3-1.7x per
+  decoded token on this shared 2-core machine (fbgemm's int8 x int8 reaches 1.8x, with the cosines above). The
+  prompt's pass (many rows) dequantizes each weight for a dtype matmul and takes 1.1-2.3x as long as in bfloat16
   (bench/quantization.py). On other devices every step dequantizes: the memory saving holds, the speed-up does
   not (use 8bit/4bit on CUDA). Stable Diffusion 1.5's UNet keeps 84% of its bytes (convolutions dominate) and
   denoises about 1.25x slower on the CPU; LoRA adapters load on top as usual (Int8Linear is an nn.Linear to peft).
-  torchao's Int8WeightOnlyConfig gives the same logits but, without torch.compile, decoded 2.6x slower than
-  bfloat16 on this CPU, and its tensor subclasses hide their bytes from `devices.module_bytes`.
+  torchao's Int8WeightOnlyConfig gives the same logits but, without torch.compile (105 s to compile one layer
+  here, and slower), decoded 2.6x slower than bfloat16, and its tensor subclasses hide their bytes from
+  `devices.module_bytes`.
 - `8bit` / `4bit`: bitsandbytes LLM.int8() and NF4 with double quantization, CUDA only, applied by
   `from_pretrained` through its `quantization_config`. A chat model's output head (`lm_head`) keeps the dtype,
   as transformers does by default.
