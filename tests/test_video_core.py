@@ -18,7 +18,8 @@ from studio import devices
 from studio.backends.lora import LoraError, LoraInfo, PipelineLoras
 from studio.backends.video import (check_shape, encode_gif, encode_mp4, encode_webp, load_animatediff, load_wan,
                                    render_frames, thumbnail)
-from studio.registry import TINY_MODELS, ModelSpec
+from studio.catalog import TINY_MODELS
+from studio.registry import ModelSpec
 from studio.tiny.image import random_lora
 from studio.weights import ensure_local, safetensors_bytes
 
