@@ -10,7 +10,7 @@ only translate their input into the typed request; the service validates it, onc
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, TypeVar
 
 SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1 in every modality, as in AUTOMATIC1111
@@ -112,3 +112,19 @@ class ModelOptions:
         known = {f.name for f in fields(cls)}
         return [f"{name}: not an option of {cls.__name__} (known: {', '.join(sorted(known))})"
                 for name in options if name not in known]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kind of model within a modality that loads the same way and shares defaults and caps: SD 1.5, SDXL or
+    FLUX among image models, causal LMs with a chat template among chat models, VITS or Piper among voices.
+
+    Loading is generic per family, so any model of a family works once the family does. A modality's backend
+    says which family a local folder or file holds with its `detect(path) -> Family | None` (see
+    `Modality.detect`), from the files themselves (a config's architecture, a checkpoint's keys)."""
+
+    name: str  # "sd15", "sdxl", "causal-lm", "vits", ...
+    label: str  # "Stable Diffusion 1.5", for people
+    loader: str  # "module:function" with the loader signature (spec, path, device, dtype)
+    options: Mapping[str, Any] = field(default_factory=dict)  # its defaults and caps, over the modality's own
+    dtypes: Mapping[str, str] | None = None  # its dtype per device; None: float32 everywhere

@@ -51,6 +51,8 @@ class Modality:
     routes: Ref | None = None  # router(studio) -> fastapi.APIRouter: its REST and OpenAI-compatible routes
     connect: Ref | None = None  # the loader of a model served by an external provider; None: not offered
     gpu_seconds: Ref | None = None  # gpu_seconds(request) -> float: GPU work of one request (ZeroGPU)
+    detect: Ref | None = None  # detect(path) -> studio.contract.Family | None: which of its families a folder or
+    # file holds (the user catalog, the drop-in folders and the Add box ask every modality)
     columns: tuple[str, ...] = ()  # request-log columns (numbers) its generations fill
     totals: tuple[Total, ...] = ()
     subtitle: str | None = None  # the sub-tab's label when it shares its tab
