@@ -152,7 +152,6 @@ class ModelCache:
         self._estimate = estimate or (lambda spec, dev: 0 if spec.external else estimate_bytes(spec, spec.dtype(dev)))
         self._measure = measure
         self._cond = threading.Condition(threading.RLock())
-        self._load_lock = threading.Lock()  # one load at a time: fair disk use, exact CUDA memory deltas
         self._entries: dict[str, Entry] = {}
         self._listeners: list[Listener] = []
         self._peak = 0
@@ -323,7 +322,7 @@ class ModelCache:
     def _load(self, entry: Entry) -> None:
         spec = entry.spec
         try:
-            with self._load_lock:
+            with devices.loading:  # one load at a time, process-wide: see there; also exact CUDA memory deltas
                 before = devices.allocated_bytes(self.device)
                 start = time.monotonic()
                 model = self._loader(spec, self.device)

@@ -7,12 +7,21 @@ import dataclasses
 import functools
 import gc
 import inspect
+import threading
 from typing import Any, Callable, TypeVar
 
 import psutil
 import torch
 
 F = TypeVar("F", bound=Callable)
+
+# Loading weights patches torch process-wide while it runs: peft's low-memory adapter loading swaps
+# `nn.Module.register_parameter` (peft/utils/integrations.py), accelerate's `init_empty_weights` and the meta-device
+# loading of transformers and diffusers do the same. A load on another thread meanwhile sees the swapped function
+# and fails ("unexpected keyword argument '_is_hf_initialized'", "Cannot copy out of meta tensor"), and when two
+# such patches overlap, the second one "restores" the first one's patch and leaves the process broken for good.
+# So every load in the studio holds this one process-wide lock: the cache's model loads and LoRA adapter loads.
+loading = threading.RLock()
 
 CUDA_RESERVE = 1_536 * 2**20  # working memory for activations, kept out of the budget (ComfyUI reserves ~1.2 GB)
 CPU_FRACTION = 0.5  # share of the machine's RAM given to resident models by default

@@ -218,7 +218,7 @@ class PipelineLoras:
         adapter_name = _adapter_name(info, stamp)
         self.active = None
         try:
-            with _quiet():
+            with devices.loading, _quiet():  # peft patches torch process-wide while it loads: see devices.loading
                 pipe.load_lora_weights(str(info.path), adapter_name=adapter_name)
             if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
                 raise ValueError("it matches no layer of this model")
@@ -232,4 +232,5 @@ class PipelineLoras:
     @staticmethod
     def _forget(pipe: Any, adapter_name: str) -> None:
         if any(adapter_name in names for names in pipe.get_list_adapters().values()):
-            pipe.delete_adapters(adapter_name)
+            with devices.loading:
+                pipe.delete_adapters(adapter_name)
