@@ -1,0 +1,469 @@
+"""Continuous batching for chat models: one decode loop per loaded causal LM, shared by every request to it.
+
+Decoding one token reads all the weights once whatever the batch size, so sixteen sequences stepping together cost
+little more per step than one. `BatchEngine` owns a model and a background thread; `submit` queues a prompt and
+returns a `Sequence` that streams the new token ids. Each step first prefills the newcomers (together, one forward),
+then decodes one token for every running sequence (one forward); finished, cancelled and failed sequences leave
+between steps, so a newcomer waits at most one step, never for the others to finish.
+
+Why our own scheduler and not transformers' `init_continuous_batching` (measured on the TinyLlama-1.1B architecture,
+bf16, this 2-core CPU; `bench/batch_engine.py`): the built-in engine samples every request in a batch from one shared
+generator and decides greedy-or-sampled for the whole manager, so a seeded reply depends on its batch mates and a
+greedy request cannot sit beside sampled ones; it has no repetition penalty in a batch; its paged KV cache is sized
+once up front from free *GPU* memory, not reserved per request from the studio's budget. Our loop keeps each
+request's own sampler and generator (the same processors `model.generate` uses, so a seeded reply is the one the
+per-request path gives) and holds the KV memory of exactly the admitted sequences.
+
+KV memory: every sequence owns one tensor sized for its prompt plus max_new_tokens, reserved through the injected
+`reserve` callback before it is admitted and released the moment it ends. Reserving the whole reply up front (not
+growing in blocks) means a running sequence can never run out of memory halfway and need preempting: admission is
+the only place a request waits. Attention reads the sequences' tensors through a padded view built per layer and
+step (right padding, a 4D mask, each token at its own position), so replies do not depend on batch mates beyond
+numerical noise (`bench/batch_correctness.py` measures it).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+class EngineError(RuntimeError):
+    """A sequence could not be completed; the message is meant for the user."""
+
+
+class EngineClosed(EngineError):
+    pass
+
+
+class EngineBusy(EngineError):
+    """Waited longer than the engine's `max_wait_s` for a batch slot or KV memory."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. temperature 0 is greedy; top_k 0 and repetition_penalty 1 are off.
+
+    eos_token_ids None uses the model's own end-of-sequence ids; an empty tuple never stops before max_new_tokens.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_bytes: int  # reserved for the sequences now running
+    max_batch: int
+    alive: bool  # False once closed or broken: submit raises
+
+
+@dataclass(frozen=True)
+class _End:
+    reason: str | None
+    error: BaseException | None = None
+
+
+class Sequence:
+    """One request in the engine: iterate it for new token ids (end-of-sequence included), then read the totals.
+
+    Iteration blocks until the next token, ends when the sequence does, and raises the engine's error if the sequence
+    failed. `cancel` ends it within one step, from any thread.
+    """
+
+    def __init__(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], kv_bytes: int):
+        self.prompt_tokens = len(prompt)
+        self.params = params
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # set before the stream ends: "stop" | "length" | "cancelled"
+        self.wait_s = 0.0  # queued before its prefill started
+        self.kv_bytes = kv_bytes
+        self._prompt = prompt
+        self._eos = eos
+        self._queue: queue.SimpleQueue[int | _End] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._submitted = time.monotonic()
+        self._kv: torch.Tensor | None = None  # [layers, capacity, 2, kv heads, head dim] while running
+        self._ids: torch.Tensor | None = None  # prompt + reply so far, for the repetition penalty
+        self._kv_len = 0  # tokens whose keys and values are stored; the last reply token is not yet
+        self._generator: torch.Generator | None = None
+        self._ended = False
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._queue.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+def _failure(exc: Exception) -> EngineError:
+    """One error per sequence (each consumer raises its own), caused by what failed."""
+    error = EngineError(f"generation failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _right_pad(rows: list[torch.Tensor], width: int, filler: torch.Tensor | None) -> torch.Tensor:
+    """Rows of different lengths as one [rows, width, ...] tensor, in one `torch.cat`: the tail of each row comes
+    from `filler` (None: the row's own first element repeated).
+
+    One op, where a copy per row would be one parallel op per row, and on a busy CPU every parallel op waits for
+    its threads to be scheduled.
+    """
+    pieces = []
+    for row in rows:
+        pad = width - len(row)
+        pieces += [row, row[:1].expand(pad, *row.shape[1:]) if filler is None else filler[:pad]]
+    return torch.cat(pieces).view(len(rows), width, *rows[0].shape[1:])
+
+
+class _BatchKV:
+    """Duck-types the `cache` argument of a transformers forward: stores each step's new keys and values in the
+    sequences' own tensors and hands attention a right-padded batch of them (zeros past each row's end, masked)."""
+
+    def __init__(self, seqs: list[Sequence], new: list[int], zeros: torch.Tensor):
+        self.seqs = seqs
+        self.new = new  # tokens each row adds in this forward (rows are padded to the longest)
+        self.zeros = zeros
+        self.fresh = all(s._kv_len == 0 for s in seqs)  # a prefill: the new keys are all there is
+        self.width = max(s._kv_len + n for s, n in zip(seqs, new))
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
+        pairs = torch.stack((keys, values), dim=2).transpose(1, 3)  # [batch, tokens, 2, kv heads, head dim]
+        for row, (seq, n) in enumerate(zip(self.seqs, self.new)):
+            seq._kv[layer, seq._kv_len:seq._kv_len + n] = pairs[row, :n]
+        if self.fresh:
+            return keys, values
+        padded = _right_pad([s._kv[layer, :s._kv_len + n] for s, n in zip(self.seqs, self.new)], self.width,
+                            self.zeros)
+        return padded[:, :, 0].transpose(1, 2), padded[:, :, 1].transpose(1, 2)
+
+
+class BatchEngine:
+    """Serves one causal LM to many concurrent requests from one background decode loop.
+
+    `reserve(nbytes) -> bool` is asked before a sequence is admitted (False: it keeps waiting, first in line, and is
+    asked again at the next step or poll) and `release(nbytes)` is called when it ends. `max_context` bounds prompt
+    plus max_new_tokens; `max_batch` bounds the running sequences, later ones wait in FIFO order; `max_wait_s` ends a
+    request that waited longer with EngineBusy. Prefills of newcomers that arrive together run as one forward of at
+    most `prefill_tokens` (padded) tokens, which bounds the activations a burst of arrivals needs.
+    """
+
+    def __init__(self, model: torch.nn.Module, eos_token_ids: list[int] | tuple[int, ...], *, max_context: int,
+                 max_batch: int = 16, reserve: Callable[[int], bool] = lambda nbytes: True,
+                 release: Callable[[int], None] = lambda nbytes: None, max_wait_s: float | None = None,
+                 prefill_tokens: int = 2048, poll_s: float = 0.05,
+                 observe: Callable[[list[Sequence], torch.Tensor], None] | None = None):
+        config = model.config
+        if set(getattr(config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+            raise ValueError("the batch engine supports full-attention models only (no sliding or linear layers)")
+        if config._attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(f"the batch engine needs sdpa or eager attention, not {config._attn_implementation}")
+        self.model = model
+        self.eos = frozenset(eos_token_ids)
+        self.max_context = max_context
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.prefill_tokens = prefill_tokens
+        self.poll_s = poll_s
+        self._reserve, self._release, self._observe = reserve, release, observe
+        self._layers = config.num_hidden_layers
+        self._kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._device, self._dtype = model.device, model.dtype
+        self._zeros = torch.zeros(max_context, 2, self._kv_heads, self._head_dim, dtype=self._dtype,
+                                  device=self._device)  # padding for the attention view of shorter sequences
+        self.bytes_per_token = self._layers * self._kv_heads * self._head_dim * 2 * self._dtype.itemsize
+        self._cond = threading.Condition()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+
+    def kv_bytes(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """The KV memory a request reserves: its prompt plus its whole reply."""
+        return (prompt_tokens + max_new_tokens) * self.bytes_per_token
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Queue a prompt; the sequence joins the running batch at the next step that has room and KV memory.
+
+        Raises ValueError when the prompt plus max_new_tokens exceed the model's context, EngineClosed when the
+        engine is closed or broken.
+        """
+        if not prompt_ids:
+            raise ValueError("prompt_ids: must not be empty")
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens: must be at least 1")
+        if len(prompt_ids) + params.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt_ids: {len(prompt_ids)} prompt tokens plus max_new_tokens "
+                             f"{params.max_new_tokens} exceed the context window of {self.max_context}")
+        eos = self.eos if params.eos_token_ids is None else frozenset(params.eos_token_ids)
+        seq = Sequence(list(prompt_ids), params, eos, self.kv_bytes(len(prompt_ids), params.max_new_tokens))
+        with self._cond:
+            if self._closing or self._failure is not None:
+                raise EngineClosed(self._closed_message())
+            self._waiting.append(seq)
+            self._cond.notify_all()
+        return seq
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(len(self._running), len(self._waiting), sum(s.kv_bytes for s in self._running),
+                               self.max_batch, not self._closing and self._failure is None)
+
+    def close(self) -> None:
+        """Stop the loop; sequences still queued or running end with EngineClosed and their KV memory is released."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _closed_message(self) -> str:
+        if self._failure is not None:
+            return f"the batch engine stopped after an internal error: {self._failure}"
+        return "the batch engine is closed (the model was unloaded)"
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._step():
+                    pass
+        except BaseException as exc:  # a fault in the loop itself: every sequence learns of it, submit refuses
+            with self._cond:
+                self._failure = exc
+        finally:
+            error = EngineClosed(self._closed_message())
+            with self._cond:
+                self._closing = True
+                seqs = list(self._waiting) + self._running
+                self._waiting.clear()
+            for seq in seqs:
+                self._end(seq, None, error)
+
+    def _step(self) -> bool:
+        """One round: drop what ended, admit and prefill newcomers, decode everyone. False once closing."""
+        with self._cond:
+            while not (self._closing or self._waiting or self._running):
+                self._cond.wait()
+            if self._closing:
+                return False
+        self._sweep()
+        admitted = self._admit()
+        for group in self._prefill_groups(admitted):
+            self._forward(group, prefill=True)
+        with self._cond:
+            decoding = list(self._running)  # the newcomers too: their prefill gave them their first token
+        if decoding:
+            self._forward(decoding, prefill=False)
+        elif not admitted:  # everyone waits for KV memory or a slot: ask again shortly
+            with self._cond:
+                self._cond.wait(self.poll_s)
+        return True
+
+    def _sweep(self) -> None:
+        """End cancelled sequences and those that waited too long, before the next forward."""
+        now = time.monotonic()
+        with self._cond:
+            waiting = list(self._waiting)
+        for seq in waiting:
+            if seq.cancelled:
+                self._end(seq, "cancelled")
+            elif self.max_wait_s is not None and now - seq._submitted > self.max_wait_s:
+                self._end(seq, None, EngineBusy(
+                    f"waited {self.max_wait_s:.0f} s for a batch slot or KV memory; the model is busy, try again"))
+        for seq in list(self._running):
+            if seq.cancelled:
+                self._end(seq, "cancelled")
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting sequences into the batch, oldest first, while there is a slot and KV memory for them."""
+        admitted = []
+        while True:
+            with self._cond:
+                if not self._waiting or len(self._running) >= self.max_batch:
+                    return admitted
+                seq = self._waiting[0]  # only this thread removes from the left, so it stays first
+            try:
+                granted = self._reserve(seq.kv_bytes)
+            except Exception as exc:  # the budget refuses outright (e.g. more than all of it): this request fails
+                self._end(seq, None, _failure(exc))
+                continue
+            if not granted:
+                return admitted
+            with self._cond:
+                self._waiting.popleft()
+                self._running.append(seq)
+            seq.wait_s = time.monotonic() - seq._submitted
+            try:
+                capacity = seq.prompt_tokens + seq.params.max_new_tokens
+                seq._kv = torch.empty(self._layers, capacity, 2, self._kv_heads, self._head_dim, dtype=self._dtype,
+                                      device=self._device)
+                seq._ids = torch.tensor(seq._prompt + [0] * seq.params.max_new_tokens, device=self._device)
+                seq._generator = torch.Generator(device=self._device).manual_seed(seq.params.seed)
+            except Exception as exc:  # e.g. out of device memory: this request fails, the others go on
+                self._end(seq, None, _failure(exc))
+                continue
+            admitted.append(seq)
+
+    def _prefill_groups(self, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
+        """Consecutive newcomers whose padded prompts fit `prefill_tokens` together (a long prompt goes alone)."""
+        group: list[Sequence] = []
+        for seq in seqs:
+            if group and (len(group) + 1) * max(seq.prompt_tokens, *(s.prompt_tokens for s in group)) \
+                    > self.prefill_tokens:
+                yield group
+                group = []
+            group.append(seq)
+        if group:
+            yield group
+
+    def _forward(self, seqs: list[Sequence], prefill: bool) -> None:
+        """Run one forward for `seqs` (their prompts, or their last token each) and hand out the next tokens."""
+        seqs = [s for s in seqs if not s._ended]
+        if not seqs:
+            return
+        try:
+            logits = self._logits(seqs, prefill)
+            if self._observe is not None:
+                self._observe(seqs, logits)
+            tokens = self._sample(seqs, logits)
+        except Exception as exc:  # the model failed on this batch: these sequences fail, the engine goes on
+            for seq in seqs:
+                self._end(seq, None, _failure(exc))
+            return
+        for seq, token in zip(seqs, tokens):
+            if seq.cancelled:
+                self._end(seq, "cancelled")
+            elif token < 0:
+                self._end(seq, None, EngineError("the model's scores for this request are not numbers (NaN)"))
+            else:
+                self._emit(seq, token)
+
+    def _logits(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
+        """The float32 next-token scores of each sequence, [len(seqs), vocab]."""
+        device = self._device
+        new = [s.prompt_tokens if prefill else 1 for s in seqs]
+        starts = torch.tensor([s._kv_len for s in seqs], device=device)
+        width = max(new)
+        if prefill:
+            filler = torch.zeros(width, dtype=torch.long, device=device)
+            input_ids = _right_pad([s._ids[:s.prompt_tokens] for s in seqs], width, filler)
+        else:
+            input_ids = torch.stack([s._ids[s._kv_len] for s in seqs])[:, None]
+        offsets = torch.arange(width, device=device)
+        positions = starts[:, None] + offsets  # padding rows run on past their end, harmlessly
+        # Row b's query i sees keys up to its own position, clamped to its last real token for padding queries.
+        last_key = starts[:, None] + torch.minimum(offsets, torch.tensor(new, device=device)[:, None] - 1)
+        keys = torch.arange(int(starts.max()) + width, device=device)
+        allowed = keys[None, None, :] <= last_key[:, :, None]
+        mask = torch.zeros(allowed.shape, dtype=self._dtype, device=device)
+        mask.masked_fill_(~allowed, torch.finfo(self._dtype).min)
+        cache = _BatchKV(seqs, new, self._zeros)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask[:, None], cache=cache,
+                         use_cache=True, logits_to_keep=width - min(new) + 1)
+        keep = out.logits.shape[1]
+        rows = torch.arange(len(seqs), device=device)
+        picks = torch.tensor(new, device=device) - 1 - (width - keep)
+        for seq, n in zip(seqs, new):
+            seq._kv_len += n
+        return out.logits[rows, picks].float()
+
+    def _sample(self, seqs: list[Sequence], scores: torch.Tensor) -> list[int]:
+        """Each row's next token under its own settings, in a few ops for the whole batch; -1 where the scores are
+        not numbers.
+
+        The filters are transformers' (repetition penalty, then for sampled rows temperature, top-k, top-p), applied
+        row by row with each row's own values. A sampled row draws one uniform number from its own generator and
+        takes the token where it falls in the cumulative distribution, so a seed gives the same reply whatever else
+        is in the batch (greedy rows draw nothing).
+        """
+        params = [s.params for s in seqs]
+        device, vocab = scores.device, scores.shape[-1]
+        if any(p.repetition_penalty != 1 for p in params):
+            penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+            width = max(s._kv_len for s in seqs)
+            # pad each row with its own first id, which is already counted once
+            ids = _right_pad([s._ids[:s._kv_len] for s in seqs], width, None)
+            seen = scores.gather(1, ids)
+            scores = scores.scatter(1, ids, torch.where(seen < 0, seen * penalty, seen / penalty))
+        tokens = scores.argmax(-1)
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+        if sampled:
+            rows = torch.tensor(sampled, device=device)
+            picked = [params[i] for i in sampled]
+            warped = scores[rows] / torch.tensor([p.temperature for p in picked], device=device)[:, None]
+            top_k = [min(p.top_k, vocab) for p in picked]
+            if any(top_k):
+                k = torch.tensor(top_k, device=device)[:, None]
+                kth = warped.topk(max(top_k)).values.gather(1, (k - 1).clamp(min=0))
+                warped = warped.masked_fill((warped < kth) & (k > 0), float("-inf"))
+            if any(p.top_p < 1 for p in picked):
+                top_p = torch.tensor([p.top_p for p in picked], device=device)[:, None]
+                ordered, order = warped.sort(-1)
+                remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+                remove[:, -1] = False  # the most likely token always stays
+                warped = warped.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+            cdf = warped.softmax(-1).cumsum(-1)
+            draws = torch.stack([torch.rand((), generator=seqs[i]._generator, device=device) for i in sampled])
+            choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
+            tokens[rows] = choice.clamp(max=vocab - 1)
+        tokens[scores.isnan().any(-1)] = -1
+        return tokens.tolist()
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        seq._ids[seq._kv_len] = token
+        seq.completion_tokens += 1
+        seq._queue.put(token)
+        if token in seq._eos:
+            self._end(seq, "stop")
+        elif seq.completion_tokens >= seq.params.max_new_tokens:
+            self._end(seq, "length")
+
+    def _end(self, seq: Sequence, reason: str | None, error: BaseException | None = None) -> None:
+        """Take the sequence out of the engine, free its KV memory and close its stream (loop thread only)."""
+        if seq._ended:
+            return
+        seq._ended = True
+        with self._cond:
+            held = seq in self._running
+            if held:
+                self._running.remove(seq)
+            elif seq in self._waiting:
+                self._waiting.remove(seq)
+        seq._kv = seq._ids = seq._generator = None
+        if held:
+            self._release(seq.kv_bytes)
+        seq.finish_reason = reason
+        seq._queue.put(_End(reason, error))
