@@ -104,6 +104,19 @@ def test_greedy_matches_generate_and_stays_greedy_beside_sampled(tiny, make_engi
         out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
         assert tokens == out[0, len(prompt):].tolist()
 
+    penalised = list(engine.submit(prompts[0], SamplingParams(max_new_tokens=20, repetition_penalty=1.5)))
+    out = model.generate(torch.tensor([prompts[0]]), max_new_tokens=20, do_sample=False, repetition_penalty=1.5)
+    assert penalised == out[0, len(prompts[0]):].tolist()
+
+
+def test_the_narrowest_filters_sample_the_top_token(tiny, make_engine):
+    _, _, prompts = tiny
+    engine = make_engine()
+    greedy = list(engine.submit(prompts[3], SamplingParams(max_new_tokens=16)))
+    for narrow in (SamplingParams(max_new_tokens=16, temperature=1.0, top_k=1, seed=7),
+                   SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1e-6, seed=7)):
+        assert list(engine.submit(prompts[3], narrow)) == greedy
+
 
 def test_a_seed_gives_the_same_reply_alone_and_in_any_batch(tiny, make_engine):
     _, _, prompts = tiny
@@ -268,3 +281,21 @@ def test_close_ends_everything_and_leaves_no_thread(tiny, make_engine):
     assert released == [running.kv_bytes] and not engine.stats().alive
     with pytest.raises(EngineClosed):
         engine.submit(prompts[0], SamplingParams(max_new_tokens=4))
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps_with_the_same_reply(tiny, make_engine, monkeypatch):
+    model, _, prompts = tiny
+    widths: list[int] = []
+    engine = make_engine(prefill_tokens=8)  # every prompt here is longer: prefilled 8 tokens a step
+    greedy = SamplingParams(max_new_tokens=12, eos_token_ids=())
+    reference = [list(make_engine().submit(p, greedy)) for p in prompts[:4]]
+    real = model.forward
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    replies = read_all([engine.submit(p, greedy) for p in prompts[:4]])
+    assert replies == reference
+    assert max(widths) == 8 and 1 in widths[:len(widths) // 2]  # decode steps ran while prompts still prefilled

@@ -2,24 +2,27 @@
 
 Decoding one token reads all the weights once whatever the batch size, so sixteen sequences stepping together cost
 little more per step than one. `BatchEngine` owns a model and a background thread; `submit` queues a prompt and
-returns a `Sequence` that streams the new token ids. Each step first prefills the newcomers (together, one forward),
-then decodes one token for every running sequence (one forward); finished, cancelled and failed sequences leave
-between steps, so a newcomer waits at most one step, never for the others to finish.
+returns a `Sequence` that streams the new token ids. Each step prefills the newcomers' prompts (together, in one
+forward of bounded size; a long prompt in chunks over several steps), then decodes one token for every other running
+sequence (one forward). Finished, cancelled and failed sequences leave between steps, so a newcomer waits at most a
+step for its prefill, never for the others to finish.
 
-Why our own scheduler and not transformers' `init_continuous_batching` (measured on the TinyLlama-1.1B architecture,
-bf16, this 2-core CPU; `bench/batch_engine.py`): the built-in engine samples every request in a batch from one shared
-generator and decides greedy-or-sampled for the whole manager, so a seeded reply depends on its batch mates and a
-greedy request cannot sit beside sampled ones; it has no repetition penalty in a batch; its paged KV cache is sized
-once up front from free *GPU* memory, not reserved per request from the studio's budget. Our loop keeps each
-request's own sampler and generator (the same processors `model.generate` uses, so a seeded reply is the one the
-per-request path gives) and holds the KV memory of exactly the admitted sequences.
+Why our own loop and not transformers' `init_continuous_batching` (5.24): that engine decides greedy-or-sampled for
+the whole manager and samples every request from one shared generator, so a greedy request cannot sit beside
+sampled ones and a seed does not reproduce a reply; it drops the repetition penalty in a batch; and its paged KV
+pool is allocated once, up front, from the device's free memory (60% of free RAM on a CPU), not reserved per
+request from the studio's budget. Its speed was no better (`bench/batch_engine.py`, see RESULTS_NOTE below).
+
+Sampling: each request keeps its own settings and its own generator. Greedy rows take the top score; sampled rows
+apply transformers' filters (repetition penalty, temperature, top-k, top-p) with their own values and draw one
+uniform number from their generator, so a seeded reply is the same whatever else is in the batch.
 
 KV memory: every sequence owns one tensor sized for its prompt plus max_new_tokens, reserved through the injected
 `reserve` callback before it is admitted and released the moment it ends. Reserving the whole reply up front (not
-growing in blocks) means a running sequence can never run out of memory halfway and need preempting: admission is
-the only place a request waits. Attention reads the sequences' tensors through a padded view built per layer and
-step (right padding, a 4D mask, each token at its own position), so replies do not depend on batch mates beyond
-numerical noise (`bench/batch_correctness.py` measures it).
+growing in blocks) means a running sequence never runs out of memory halfway and never needs preempting: admission
+is the only place a request waits, and what the budget shows is what the sequences hold. Attention reads the
+sequences' tensors through a right-padded view built per layer and step (a 4D mask, each token at its own
+position), so a reply does not depend on its batch mates beyond numerical noise (`bench/batch_correctness.py`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-
-FINISH_REASONS = ("stop", "length", "cancelled")
-
 
 class EngineError(RuntimeError):
     """A sequence could not be completed; the message is meant for the user."""
@@ -151,7 +151,7 @@ class _BatchKV:
         self.new = new  # tokens each row adds in this forward (rows are padded to the longest)
         self.zeros = zeros
         self.fresh = all(s._kv_len == 0 for s in seqs)  # a prefill: the new keys are all there is
-        self.width = max(s._kv_len + n for s, n in zip(seqs, new))
+        self.key_len = max(s._kv_len + n for s, n in zip(seqs, new))  # keys each row attends over, padded
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
         pairs = torch.stack((keys, values), dim=2).transpose(1, 3)  # [batch, tokens, 2, kv heads, head dim]
@@ -159,19 +159,21 @@ class _BatchKV:
             seq._kv[layer, seq._kv_len:seq._kv_len + n] = pairs[row, :n]
         if self.fresh:
             return keys, values
-        padded = _right_pad([s._kv[layer, :s._kv_len + n] for s, n in zip(self.seqs, self.new)], self.width,
+        padded = _right_pad([s._kv[layer, :s._kv_len + n] for s, n in zip(self.seqs, self.new)], self.key_len,
                             self.zeros)
         return padded[:, :, 0].transpose(1, 2), padded[:, :, 1].transpose(1, 2)
 
 
 class BatchEngine:
-    """Serves one causal LM to many concurrent requests from one background decode loop.
+    """Serves one causal LM (sdpa or eager attention, full-attention layers) to many concurrent requests from one
+    background decode loop.
 
     `reserve(nbytes) -> bool` is asked before a sequence is admitted (False: it keeps waiting, first in line, and is
-    asked again at the next step or poll) and `release(nbytes)` is called when it ends. `max_context` bounds prompt
-    plus max_new_tokens; `max_batch` bounds the running sequences, later ones wait in FIFO order; `max_wait_s` ends a
-    request that waited longer with EngineBusy. Prefills of newcomers that arrive together run as one forward of at
-    most `prefill_tokens` (padded) tokens, which bounds the activations a burst of arrivals needs.
+    asked again at the next step or every `poll_s`); `release(nbytes)` is called when it ends. `max_context` bounds
+    prompt plus max_new_tokens; `max_batch` bounds the running sequences, later ones wait in FIFO order; `max_wait_s`
+    ends a request that waited longer with EngineBusy. A step prefills at most `prefill_tokens` (padded) prompt
+    tokens, which bounds both the activations a burst of arrivals needs and how long the running sequences wait for
+    a newcomer's prefill. `observe(seqs, scores)` sees every step's float32 scores before sampling (diagnostics).
     """
 
     def __init__(self, model: torch.nn.Module, eos_token_ids: list[int] | tuple[int, ...], *, max_context: int,
@@ -273,7 +275,10 @@ class BatchEngine:
                 self._end(seq, None, error)
 
     def _step(self) -> bool:
-        """One round: drop what ended, admit and prefill newcomers, decode everyone. False once closing."""
+        """One round: drop what ended, admit newcomers, prefill (a chunk of) their prompts, decode everyone else.
+
+        False once closing.
+        """
         with self._cond:
             while not (self._closing or self._waiting or self._running):
                 self._cond.wait()
@@ -281,13 +286,14 @@ class BatchEngine:
                 return False
         self._sweep()
         admitted = self._admit()
-        for group in self._prefill_groups(admitted):
-            self._forward(group, prefill=True)
-        with self._cond:
-            decoding = list(self._running)  # the newcomers too: their prefill gave them their first token
+        group, chunks = self._prefill_chunk()
+        if group:
+            self._forward(group, chunks)
+        with self._cond:  # the newcomers whose prompt is done too: their prefill gave them their first token
+            decoding = [s for s in self._running if s._kv_len >= s.prompt_tokens]
         if decoding:
-            self._forward(decoding, prefill=False)
-        elif not admitted:  # everyone waits for KV memory or a slot: ask again shortly
+            self._forward(decoding, [1] * len(decoding))
+        elif not admitted and not group:  # everyone waits for KV memory or a slot: ask again shortly
             with self._cond:
                 self._cond.wait(self.poll_s)
         return True
@@ -337,33 +343,37 @@ class BatchEngine:
                 continue
             admitted.append(seq)
 
-    def _prefill_groups(self, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
-        """Consecutive newcomers whose padded prompts fit `prefill_tokens` together (a long prompt goes alone)."""
+    def _prefill_chunk(self) -> tuple[list[Sequence], list[int]]:
+        """The prompts (or the next chunks of long ones) to prefill in this step, oldest first, within
+        `prefill_tokens` padded tokens: a burst of newcomers prefills in one forward, and a long prompt never stalls
+        the running sequences for more than one such forward."""
+        with self._cond:
+            prefilling = [s for s in self._running if s._kv_len < s.prompt_tokens]
         group: list[Sequence] = []
-        for seq in seqs:
-            if group and (len(group) + 1) * max(seq.prompt_tokens, *(s.prompt_tokens for s in group)) \
-                    > self.prefill_tokens:
-                yield group
-                group = []
+        chunks: list[int] = []
+        for seq in prefilling:
+            chunk = min(seq.prompt_tokens - seq._kv_len, self.prefill_tokens)
+            if group and (len(group) + 1) * max(chunk, *chunks) > self.prefill_tokens:
+                break
             group.append(seq)
-        if group:
-            yield group
+            chunks.append(chunk)
+        return group, chunks
 
-    def _forward(self, seqs: list[Sequence], prefill: bool) -> None:
-        """Run one forward for `seqs` (their prompts, or their last token each) and hand out the next tokens."""
-        seqs = [s for s in seqs if not s._ended]
-        if not seqs:
-            return
+    def _forward(self, seqs: list[Sequence], new: list[int]) -> None:
+        """Run one forward that adds `new[i]` tokens to sequence i (a prompt chunk, or the last reply token) and
+        hand out the next token to every sequence whose prompt is done."""
         try:
-            logits = self._logits(seqs, prefill)
+            logits = self._logits(seqs, new)
+            due = [i for i, s in enumerate(seqs) if s._kv_len == s.prompt_tokens + s.completion_tokens]
+            ready, scores = [seqs[i] for i in due], logits[due]
             if self._observe is not None:
-                self._observe(seqs, logits)
-            tokens = self._sample(seqs, logits)
+                self._observe(ready, scores)
+            tokens = self._sample(ready, scores) if ready else []
         except Exception as exc:  # the model failed on this batch: these sequences fail, the engine goes on
             for seq in seqs:
                 self._end(seq, None, _failure(exc))
             return
-        for seq, token in zip(seqs, tokens):
+        for seq, token in zip(ready, tokens):
             if seq.cancelled:
                 self._end(seq, "cancelled")
             elif token < 0:
@@ -371,26 +381,22 @@ class BatchEngine:
             else:
                 self._emit(seq, token)
 
-    def _logits(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
-        """The float32 next-token scores of each sequence, [len(seqs), vocab]."""
+    def _logits(self, seqs: list[Sequence], new: list[int]) -> torch.Tensor:
+        """Feed each sequence its next `new` tokens; the float32 scores after each one's last, [len(seqs), vocab]."""
         device = self._device
-        new = [s.prompt_tokens if prefill else 1 for s in seqs]
         starts = torch.tensor([s._kv_len for s in seqs], device=device)
         width = max(new)
-        if prefill:
-            filler = torch.zeros(width, dtype=torch.long, device=device)
-            input_ids = _right_pad([s._ids[:s.prompt_tokens] for s in seqs], width, filler)
-        else:
-            input_ids = torch.stack([s._ids[s._kv_len] for s in seqs])[:, None]
+        filler = torch.zeros(width, dtype=torch.long, device=device)
+        input_ids = _right_pad([s._ids[s._kv_len:s._kv_len + n] for s, n in zip(seqs, new)], width, filler)
         offsets = torch.arange(width, device=device)
         positions = starts[:, None] + offsets  # padding rows run on past their end, harmlessly
         # Row b's query i sees keys up to its own position, clamped to its last real token for padding queries.
         last_key = starts[:, None] + torch.minimum(offsets, torch.tensor(new, device=device)[:, None] - 1)
-        keys = torch.arange(int(starts.max()) + width, device=device)
+        cache = _BatchKV(seqs, new, self._zeros)
+        keys = torch.arange(cache.key_len, device=device)
         allowed = keys[None, None, :] <= last_key[:, :, None]
         mask = torch.zeros(allowed.shape, dtype=self._dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(self._dtype).min)
-        cache = _BatchKV(seqs, new, self._zeros)
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask[:, None], cache=cache,
                          use_cache=True, logits_to_keep=width - min(new) + 1)
         keep = out.logits.shape[1]
