@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from studio.backends.batching import BatchEngine, EngineBusy, EngineClosed, EngineError, SamplingParams
 from studio.registry import ModelSpec
-from studio.tiny.text import build_llama
+from studio.tiny.text import build_llama, build_qwen2
 
 CONTEXT = 256
 QUESTIONS = ["Hello! How can I help you today?", "Tell me about the sea", "What is a language model?",
@@ -21,17 +21,20 @@ QUESTIONS = ["Hello! How can I help you today?", "Tell me about the sea", "What 
              "music, science, history or cooking", "The quick brown fox"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny Llama in float32: (model, tokenizer, prompts of different lengths)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    build_llama(folder, ModelSpec(id="tiny-llama", modality="chat", label="tiny", loader="x", params=1,
-                                  options={"context_length": CONTEXT}))
+def load_tiny(folder, builder) -> tuple:
+    """A tiny chat model in float32: (model, tokenizer, prompts of different lengths)."""
+    builder(folder, ModelSpec(id="tiny", modality="chat", label="tiny", loader="x", params=1,
+                              options={"context_length": CONTEXT}))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompts = [list(tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                                   return_dict=True)["input_ids"]) for q in QUESTIONS]
     return model, tokenizer, prompts
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load_tiny(tmp_path_factory.mktemp("tiny-llama"), build_llama)
 
 
 @pytest.fixture
@@ -109,6 +112,18 @@ def test_greedy_matches_generate_and_stays_greedy_beside_sampled(tiny, make_engi
     assert penalised == out[0, len(prompts[0]):].tolist()
 
 
+def test_greedy_matches_generate_on_qwen2_too(tmp_path):
+    model, tokenizer, prompts = load_tiny(tmp_path, build_qwen2)
+    engine = BatchEngine(model, [tokenizer.eos_token_id], max_context=CONTEXT)
+    try:
+        replies = read_all([engine.submit(p, SamplingParams(max_new_tokens=16)) for p in prompts])
+    finally:
+        engine.close()
+    for prompt, tokens in zip(prompts, replies):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)
+        assert tokens == out[0, len(prompt):].tolist()
+
+
 def test_the_narrowest_filters_sample_the_top_token(tiny, make_engine):
     _, _, prompts = tiny
     engine = make_engine()
@@ -152,12 +167,21 @@ def test_cancel_ends_only_its_own_sequence_within_a_step_and_frees_its_memory(ti
     assert engine.stats().kv_bytes == 0
 
 
-def test_cancel_before_admission_never_runs(tiny, make_engine):
+def test_cancel_before_admission_never_runs_and_the_callers_event_works_alike(tiny, make_engine):
     _, _, prompts = tiny
     engine = make_engine(reserve=lambda n: False)
     seq = engine.submit(prompts[0], SamplingParams(max_new_tokens=8))
     seq.cancel()
     assert list(seq) == [] and seq.finish_reason == "cancelled"
+
+    stop = threading.Event()
+    seq = make_engine().submit(prompts[0], SamplingParams(max_new_tokens=100, eos_token_ids=()), cancel=stop)
+    tokens = []
+    for token in seq:
+        tokens.append(token)
+        if len(tokens) == 2:
+            stop.set()  # the Stop button: the engine sees it by itself at its next step
+    assert seq.finish_reason == "cancelled" and len(tokens) < 100
 
 
 def test_a_refused_reservation_waits_then_runs_after_a_release(tiny, make_engine):

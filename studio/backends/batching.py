@@ -86,7 +86,8 @@ class Sequence:
     failed. `cancel` ends it within one step, from any thread.
     """
 
-    def __init__(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], kv_bytes: int):
+    def __init__(self, prompt: list[int], params: SamplingParams, eos: frozenset[int], kv_bytes: int,
+                 stop: threading.Event | None):
         self.prompt_tokens = len(prompt)
         self.params = params
         self.completion_tokens = 0
@@ -97,6 +98,7 @@ class Sequence:
         self._eos = eos
         self._queue: queue.SimpleQueue[int | _End] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self._stop = stop  # the caller's own event (a session's Stop button), honoured like cancel()
         self._submitted = time.monotonic()
         self._kv: torch.Tensor | None = None  # [layers, capacity, 2, kv heads, head dim] while running
         self._ids: torch.Tensor | None = None  # prompt + reply so far, for the repetition penalty
@@ -118,7 +120,7 @@ class Sequence:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancelled.is_set() or (self._stop is not None and self._stop.is_set())
 
 
 def _failure(exc: Exception) -> EngineError:
@@ -215,11 +217,12 @@ class BatchEngine:
         """The KV memory a request reserves: its prompt plus its whole reply."""
         return (prompt_tokens + max_new_tokens) * self.bytes_per_token
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event | None = None) -> Sequence:
         """Queue a prompt; the sequence joins the running batch at the next step that has room and KV memory.
 
-        Raises ValueError when the prompt plus max_new_tokens exceed the model's context, EngineClosed when the
-        engine is closed or broken.
+        `cancel`, once set, ends the sequence like `Sequence.cancel` (without the caller watching it). Raises
+        ValueError when the prompt plus max_new_tokens exceed the model's context, EngineClosed when the engine is
+        closed or broken.
         """
         if not prompt_ids:
             raise ValueError("prompt_ids: must not be empty")
@@ -229,7 +232,7 @@ class BatchEngine:
             raise ValueError(f"prompt_ids: {len(prompt_ids)} prompt tokens plus max_new_tokens "
                              f"{params.max_new_tokens} exceed the context window of {self.max_context}")
         eos = self.eos if params.eos_token_ids is None else frozenset(params.eos_token_ids)
-        seq = Sequence(list(prompt_ids), params, eos, self.kv_bytes(len(prompt_ids), params.max_new_tokens))
+        seq = Sequence(list(prompt_ids), params, eos, self.kv_bytes(len(prompt_ids), params.max_new_tokens), cancel)
         with self._cond:
             if self._closing or self._failure is not None:
                 raise EngineClosed(self._closed_message())
