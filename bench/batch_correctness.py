@@ -115,10 +115,13 @@ def compare(model, prompts: list[list[int]], new_tokens: int, sampled_every: int
         case["gap_within_noise"] = case["top2_gap_alone"] <= max_diff
     checked = list(range(0, len(prompts), max(1, len(prompts) // 20)))
     matches = 0
-    for i in checked:
-        out = model.generate(torch.tensor([prompts[i]]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, eos_token_id=eos[0], pad_token_id=eos[0])
-        matches += out[0, len(prompts[i]):].tolist() == alone[i][0]
+    for i in checked:  # generate stops at end-of-sequence: compare up to it
+        out = model.generate(torch.tensor([prompts[i]]), max_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=eos[0], pad_token_id=eos[0])
+        tokens = alone[i][0]
+        if eos[0] in tokens:
+            tokens = tokens[:tokens.index(eos[0]) + 1]
+        matches += out[0, len(prompts[i]):].tolist() == tokens
     return {
         "greedy_requests": len(prompts), "seeded_requests": len(sampled),
         "max_logit_diff": max_diff,

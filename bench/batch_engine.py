@@ -7,7 +7,7 @@ of a round arrive at once; time to first token counts from then, so one-at-a-tim
 line. Rounds rotate the order of the variants, so a busy shared CPU slows them alike; medians over rounds.
 Writes bench/results/batch_engine.json.
 
-    nice python bench/batch_engine.py [--clients 1,4,16] [--new-tokens 64] [--rounds 1]
+    nice python bench/batch_engine.py [--clients 1,4,16] [--new-tokens 64] [--rounds 1] [--variants ...] [--out ...]
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--variants", default="serial,engine,transformers")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     variants = args.variants.split(",")
@@ -200,10 +201,10 @@ def measure(args, clients: list[int], variants: list[str], tokenizer, model, eng
         results["speedup_over_serial"] = {
             name: {str(n): round(agg(name, n) / agg("serial", n), 2) for n in clients}
             for name in variants if name != "serial"}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

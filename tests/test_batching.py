@@ -124,6 +124,17 @@ def test_greedy_matches_generate_on_qwen2_too(tmp_path):
         assert tokens == out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("settings", [{"temperature": 0.8}, {"temperature": 1.3, "top_k": 20, "top_p": 0.9},
+                                      {"temperature": 0.6, "top_p": 0.5, "repetition_penalty": 1.2}])
+def test_a_seeded_reply_is_the_one_generate_samples_with_that_seed(tiny, make_engine, settings):
+    model, _, prompts = tiny
+    mine = list(make_engine().submit(prompts[2], SamplingParams(max_new_tokens=24, seed=77, **settings)))
+    torch.manual_seed(77)
+    out = model.generate(torch.tensor([prompts[2]]), max_new_tokens=24, do_sample=True,
+                         **{"top_k": 0, "top_p": 1.0, **settings})
+    assert mine == out[0, len(prompts[2]):].tolist()
+
+
 def test_the_narrowest_filters_sample_the_top_token(tiny, make_engine):
     _, _, prompts = tiny
     engine = make_engine()

@@ -14,8 +14,9 @@ pool is allocated once, up front, from the device's free memory (60% of free RAM
 request from the studio's budget. Its speed was no better (`bench/batch_engine.py`, see RESULTS_NOTE below).
 
 Sampling: each request keeps its own settings and its own generator. Greedy rows take the top score; sampled rows
-apply transformers' filters (repetition penalty, temperature, top-k, top-p) with their own values and draw one
-uniform number from their generator, so a seeded reply is the same whatever else is in the batch.
+apply transformers' filters (repetition penalty, temperature, top-k, top-p) with their own values and draw as
+`torch.multinomial` does, from their own generator: a seeded reply is the one `model.generate` gives with that seed,
+whatever else is in the batch.
 
 KV memory: every sequence owns one tensor sized for its prompt plus max_new_tokens, reserved through the injected
 `reserve` callback before it is admitted and released the moment it ends. Reserving the whole reply up front (not
@@ -414,9 +415,12 @@ class BatchEngine:
         not numbers.
 
         The filters are transformers' (repetition penalty, then for sampled rows temperature, top-k, top-p), applied
-        row by row with each row's own values. A sampled row draws one uniform number from its own generator and
-        takes the token where it falls in the cumulative distribution, so a seed gives the same reply whatever else
-        is in the batch (greedy rows draw nothing).
+        row by row with each row's own values. A sampled row then draws as `torch.multinomial` does for one sample,
+        argmax(p / q) with q ~ Exp(1) from the row's own generator: a seed gives the reply `model.generate` gives
+        after `torch.manual_seed` with that seed, whatever else is in the batch, and the batch's numerical noise can
+        only change a draw whose two best candidates finish within that noise of each other (rare: their gap is
+        of the order of the scores themselves, not of 1/vocabulary as with one uniform draw over the cumulative
+        distribution).
         """
         params = [s.params for s in seqs]
         device, vocab = scores.device, scores.shape[-1]
@@ -444,10 +448,9 @@ class BatchEngine:
                 remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
                 remove[:, -1] = False  # the most likely token always stays
                 warped = warped.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-            cdf = warped.softmax(-1).cumsum(-1)
-            draws = torch.stack([torch.rand((), generator=seqs[i]._generator, device=device) for i in sampled])
-            choice = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True)[:, 0]
-            tokens[rows] = choice.clamp(max=vocab - 1)
+            races = torch.stack([torch.empty(vocab, device=device).exponential_(generator=seqs[i]._generator)
+                                 for i in sampled])
+            tokens[rows] = (warped.softmax(-1) / races).argmax(-1)
         tokens[scores.isnan().any(-1)] = -1
         return tokens.tolist()
 
