@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 
 import torch
 
+
 class EngineError(RuntimeError):
     """A sequence could not be completed; the message is meant for the user."""
 
@@ -149,12 +150,12 @@ class _BatchKV:
     """Duck-types the `cache` argument of a transformers forward: stores each step's new keys and values in the
     sequences' own tensors and hands attention a right-padded batch of them (zeros past each row's end, masked)."""
 
-    def __init__(self, seqs: list[Sequence], new: list[int], zeros: torch.Tensor):
+    def __init__(self, seqs: list[Sequence], new: list[int], key_len: int, zeros: torch.Tensor):
         self.seqs = seqs
         self.new = new  # tokens each row adds in this forward (rows are padded to the longest)
+        self.key_len = key_len  # keys every row attends over, padded
         self.zeros = zeros
         self.fresh = all(s._kv_len == 0 for s in seqs)  # a prefill: the new keys are all there is
-        self.key_len = max(s._kv_len + n for s, n in zip(seqs, new))  # keys each row attends over, padded
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *args, **kwargs):
         pairs = torch.stack((keys, values), dim=2).transpose(1, 3)  # [batch, tokens, 2, kv heads, head dim]
@@ -201,8 +202,7 @@ class BatchEngine:
         self._kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self._device, self._dtype = model.device, model.dtype
-        self._zeros = torch.zeros(max_context, 2, self._kv_heads, self._head_dim, dtype=self._dtype,
-                                  device=self._device)  # padding for the attention view of shorter sequences
+        self._zeros = torch.zeros(0, 2, self._kv_heads, self._head_dim, dtype=self._dtype, device=self._device)
         self.bytes_per_token = self._layers * self._kv_heads * self._head_dim * 2 * self._dtype.itemsize
         self._cond = threading.Condition()
         self._waiting: deque[Sequence] = deque()
@@ -396,19 +396,23 @@ class BatchEngine:
         positions = starts[:, None] + offsets  # padding rows run on past their end, harmlessly
         # Row b's query i sees keys up to its own position, clamped to its last real token for padding queries.
         last_key = starts[:, None] + torch.minimum(offsets, torch.tensor(new, device=device)[:, None] - 1)
-        cache = _BatchKV(seqs, new, self._zeros)
-        keys = torch.arange(cache.key_len, device=device)
+        key_len = max(s._kv_len + n for s, n in zip(seqs, new))
+        if len(self._zeros) < key_len:  # the padding of the attention view grows with the longest sequence
+            self._zeros = self._zeros.new_zeros(max(key_len, 2 * len(self._zeros)), *self._zeros.shape[1:])
+        cache = _BatchKV(seqs, new, key_len, self._zeros)
+        keys = torch.arange(key_len, device=device)
         allowed = keys[None, None, :] <= last_key[:, :, None]
         mask = torch.zeros(allowed.shape, dtype=self._dtype, device=device)
         mask.masked_fill_(~allowed, torch.finfo(self._dtype).min)
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask[:, None], cache=cache,
-                         use_cache=True, logits_to_keep=width - min(new) + 1)
-        keep = out.logits.shape[1]
-        rows = torch.arange(len(seqs), device=device)
-        picks = torch.tensor(new, device=device) - 1 - (width - keep)
+        keep = width - min(new) + 1  # the positions whose scores some row needs: each row's last real token
+        logits = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask[:, None], cache=cache,
+                            use_cache=True, logits_to_keep=keep).logits
         for seq, n in zip(seqs, new):
             seq._kv_len += n
-        return out.logits[rows, picks].float()
+        if keep == 1:  # every row ends at the last position (decode steps): no gather
+            return logits[:, 0].float()
+        picks = torch.tensor(new, device=device) - 1 - (width - keep)
+        return logits[torch.arange(len(seqs), device=device), picks].float()
 
     def _sample(self, seqs: list[Sequence], scores: torch.Tensor) -> list[int]:
         """Each row's next token under its own settings, in a few ops for the whole batch; -1 where the scores are
