@@ -7,16 +7,20 @@ forward of bounded size; a long prompt in chunks over several steps), then decod
 sequence (one forward). Finished, cancelled and failed sequences leave between steps, so a newcomer waits at most a
 step for its prefill, never for the others to finish.
 
-Why our own loop and not transformers' `init_continuous_batching` (5.24): that engine decides greedy-or-sampled for
-the whole manager and samples every request from one shared generator, so a greedy request cannot sit beside
-sampled ones and a seed does not reproduce a reply; it drops the repetition penalty in a batch; and its paged KV
-pool is allocated once, up front, from the device's free memory (60% of free RAM on a CPU), not reserved per
-request from the studio's budget. Its speed was no better (`bench/batch_engine.py`, see RESULTS_NOTE below).
+Why our own loop and not transformers' `init_continuous_batching` (5.24): both stream, cancel within a step and let
+newcomers join a running batch, but that engine decides greedy-or-sampled for the whole manager and samples every
+request from one shared generator (a greedy request cannot sit beside sampled ones, a seed does not reproduce a
+reply), drops the repetition penalty, and allocates its paged KV pool once, up front, from the device's free memory
+(60% of the free RAM on a CPU) instead of reserving it per request from the studio's budget. Nor is it faster here:
+TinyLlama-1.1B architecture, bf16, 64 new tokens per request, this 2-core CPU, aggregate tokens/s at 1 / 4 / 16
+concurrent requests: one-at-a-time `generate` 3.4 / 3.9 / 3.0, this engine 3.4 / 13.5 / 36.1, transformers' engine
+3.3 / 10.0 / 19.2 (`bench/batch_engine.py`; one run on a shared machine, two earlier ones put this engine 1.1-1.2x
+ahead of transformers' at 16).
 
 Sampling: each request keeps its own settings and its own generator. Greedy rows take the top score; sampled rows
 apply transformers' filters (repetition penalty, temperature, top-k, top-p) with their own values and draw as
-`torch.multinomial` does, from their own generator: a seeded reply is the one `model.generate` gives with that seed,
-whatever else is in the batch.
+`torch.multinomial` does, from their own generator: a seeded reply is the one `model.generate` samples after
+`torch.manual_seed(seed)` (and the one the chat service's per-request sampler gives), whatever else is in the batch.
 
 KV memory: every sequence owns one tensor sized for its prompt plus max_new_tokens, reserved through the injected
 `reserve` callback before it is admitted and released the moment it ends. Reserving the whole reply up front (not
