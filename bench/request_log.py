@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import orjson  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from studio.telemetry import analytics  # noqa: E402
+from studio.telemetry import analytics, logreader  # noqa: E402
 from studio.telemetry.requestlog import RequestLog, utc_stamp  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "logging.json"
@@ -186,8 +186,8 @@ def _categorical(codes: np.ndarray, names: list[str]) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype="str"))
 
 
-def synthetic_logs(n: int, now: datetime, seed: int = 0) -> analytics.Logs:
-    """`n` request rows over 30 days, typed exactly as `analytics.requests_frame` types parsed rows."""
+def synthetic_logs(n: int, now: datetime, seed: int = 0) -> logreader.Logs:
+    """`n` request rows over 30 days, typed exactly as `logreader.requests_frame` types parsed rows."""
     rng = np.random.default_rng(seed)
     start = now - timedelta(days=30)
     micros = np.sort(rng.integers(0, 30 * 86400 * 10**6, n))
@@ -245,12 +245,12 @@ def synthetic_logs(n: int, now: datetime, seed: int = 0) -> analytics.Logs:
         "bytes": rng.uniform(1e8, 5e9, events),
         "error_type": _categorical(np.full(events, -1), ERRORS),
     })
-    reference = analytics.requests_frame([])
+    reference = logreader.requests_frame([])
     assert df.dtypes.astype(str).tolist() == reference.dtypes.astype(str).tolist(), "synthetic frame drifted"
-    return analytics.Logs(df, cache)
+    return logreader.Logs(df, cache)
 
 
-def analytics_time(logs: analytics.Logs, selection: analytics.Filters) -> dict:
+def analytics_time(logs: logreader.Logs, selection: analytics.Filters) -> dict:
     """Aggregation alone: every figure from frames already typed (no parsing)."""
     times = []
     for _ in range(3):
@@ -271,7 +271,7 @@ def parse_rate(rows: int, now: datetime) -> float:
             record["ts"] = utc_stamp(record["ts"].to_pydatetime())
             fh.write(orjson.dumps(log.shape(record), default=str, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
     start = time.perf_counter()
-    logs = analytics.LogReader(folder).read()
+    logs = logreader.LogReader(folder).read()
     seconds = time.perf_counter() - start
     assert len(logs.requests) == rows
     return rows / seconds
@@ -310,7 +310,7 @@ def cold_times(folder: Path, selection: analytics.Filters, rows: int, runs: int 
     for _ in range(runs):
         load.append(os.getloadavg()[0])
         start, start_cpu = time.perf_counter(), time.process_time()
-        result = analytics.report(analytics.LogReader(folder).read(selection.start, selection.end), selection)
+        result = analytics.report(logreader.LogReader(folder).read(selection.start, selection.end), selection)
         times.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
         assert result.totals["requests"] == rows and result.partial == 0
@@ -323,7 +323,7 @@ def refresh_times(folder: Path, now: datetime, selections: dict[str, analytics.F
                   rows: int = 1_000) -> dict[str, dict[str, float]]:
     """Per selection, the median seconds to read, and to read and report, after `rows` new requests were
     appended to today's file; each selection has its own reader, warm as the tab's is."""
-    readers = {name: analytics.LogReader(folder) for name in selections}
+    readers = {name: logreader.LogReader(folder) for name in selections}
     for name, reader in readers.items():
         reader.read(selections[name].start, selections[name].end)
     times = {name: {"read_s": [], "total_s": []} for name in selections}

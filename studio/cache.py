@@ -12,7 +12,14 @@ Rules, each one a fault seen in other model managers:
   handed out, a request for it waits and then loads it afresh;
 - memory is reserved from the estimate before loading, so the budget is never exceeded, and corrected to the
   measured size after;
-- reading weights and freeing memory happen outside the lock; only bookkeeping is under it.
+- reading weights and freeing memory happen outside the lock; only bookkeeping is under it;
+- memory a model uses beyond its weights while it serves (a batching engine's KV cache: its "workspace") is
+  reserved from the same budget, strictly: idle models are evicted to make room, else the reservation is refused
+  and the request waits; a model that holds such resources is closed when it is evicted.
+
+A loaded model may offer three hooks (studio/backends/chat.py's TransformersChat does): `bind_workspace(workspace)`,
+called once after the load with its `Workspace`; `close()`, called when it is evicted, before its references are
+dropped; and `serving()` -> (running, waiting), its activity in the snapshot.
 
 The serving strategies are settings of this one cache: `lru` keeps models until memory is needed, `swap` frees a
 model as soon as its last user is done, `preload` loads models at start-up (see `preload`).
@@ -23,7 +30,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -71,6 +78,17 @@ class CacheEvent:
 Listener = Callable[[CacheEvent], None]
 
 
+@dataclass(frozen=True)
+class Workspace:
+    """What a loaded model may use beyond its weights while it serves: memory reserved from the budget (False:
+    it does not fit now; ask again later), and how many requests it may serve at once and wait for memory."""
+
+    reserve: Callable[[int], bool]
+    release: Callable[[int], None]
+    max_sequences: int  # --max-batch
+    max_wait_s: float  # --load-timeout
+
+
 @dataclass(eq=False)
 class Entry:
     spec: ModelSpec
@@ -83,6 +101,7 @@ class Entry:
     error: BaseException | None = None
     moved_to: str | None = None  # the device a call moved the model to (ZeroGPU); None: the cache's device
     moving: threading.Lock = field(default_factory=threading.Lock)
+    workspace: int = 0  # bytes reserved while serving, beyond the weights (KV cache)
 
 
 @dataclass(frozen=True)
@@ -106,6 +125,9 @@ class ModelStatus:
     idle_seconds: float
     load_seconds: float
     device: str  # where it computes now: the cache's device, or a call's (ZeroGPU) while one uses it
+    workspace_bytes: int = 0  # reserved beyond the weights while serving (a batching engine's KV cache)
+    running: int | None = None  # sequences in its batch now (models that batch)
+    waiting: int | None = None  # requests waiting for a batch slot or workspace
 
 
 @dataclass(frozen=True)
@@ -113,7 +135,7 @@ class CacheSnapshot:
     device: str
     strategy: str
     budget_bytes: int
-    used_bytes: int  # held by resident (and not yet freed) models
+    used_bytes: int  # held by resident (and not yet freed) models, their workspace included
     peak_bytes: int
     hits: int
     misses: int
@@ -139,6 +161,7 @@ class ModelCache:
         device: str = "cpu",
         strategy: str = "lru",
         load_timeout: float = 300.0,
+        max_batch: int = 16,
         loader: Callable[[ModelSpec, str], Any] = load_from_registry,
         estimate: Callable[[ModelSpec, str], int] | None = None,
         measure: Callable[[Any], int] = devices.module_bytes,
@@ -148,6 +171,7 @@ class ModelCache:
         self.device = device
         self.strategy = strategy
         self.load_timeout = load_timeout
+        self.max_batch = max_batch
         self._loader = loader
         self._estimate = estimate or (lambda spec, dev: 0 if spec.external else estimate_bytes(spec, spec.dtype(dev)))
         self._measure = measure
@@ -235,25 +259,33 @@ class ModelCache:
     def snapshot(self) -> CacheSnapshot:
         now = time.monotonic()
         with self._cond:
+            entries = list(self._entries.values())
             models = [
                 ModelStatus(e.spec.id, e.spec.modality, e.state.value, e.bytes, e.pins,
                             0.0 if e.pins else round(now - e.last_used, 1), round(e.load_seconds, 3),
-                            e.moved_to or self.device)
-                for e in self._entries.values()
+                            e.moved_to or self.device, e.workspace)
+                for e in entries
             ]
-            return CacheSnapshot(self.device, self.strategy, self.budget, self._held(), self._peak,
+            snap = CacheSnapshot(self.device, self.strategy, self.budget, self._held(), self._peak,
                                  load_seconds=round(self._load_seconds, 3), models=models, **self._counts)
+        for index, entry in enumerate(entries):  # outside the lock: a model's own lock may be waiting for ours
+            serving = getattr(entry.model, "serving", None)
+            if serving is not None:
+                running, waiting = serving()
+                models[index] = replace(models[index], running=running, waiting=waiting)
+        return snap
 
     # ------------------------------------------------------------------ internals
 
     def _used(self) -> int:
-        """Memory spoken for: held by models plus reserved for loads in progress (what admission checks)."""
-        return sum(e.bytes for e in self._entries.values())
+        """Memory spoken for: held by models and their workspace, plus reserved for loads in progress (what
+        admission checks)."""
+        return sum(e.bytes + e.workspace for e in self._entries.values())
 
     def _held(self) -> int:
         """Memory models really hold. A load frees its victims before it starts and loads run one at a time,
         so this, not `_used`, is what the device sees."""
-        return sum(e.bytes for e in self._entries.values() if e.state is not State.LOADING)
+        return sum(e.bytes + e.workspace for e in self._entries.values() if e.state is not State.LOADING)
 
     def _emit(self, kind: str, model: str, **details: Any) -> None:
         event = CacheEvent(kind, model, **details)
@@ -314,10 +346,30 @@ class ModelCache:
                       key=lambda e: e.last_used)
         for entry in idle:
             victims.append(entry)
-            free += entry.bytes
+            free += entry.bytes + entry.workspace
             if need <= free:
                 return victims
         return None
+
+    def _reserve(self, entry: Entry, nbytes: int) -> bool:
+        """Reserve workspace for a resident model (a sequence's KV cache), evicting idle models, least recently
+        used first, if that makes room; False when it cannot fit now (the caller waits and asks again)."""
+        with self._cond:
+            victims = self._victims(nbytes)  # idle models only: the model reserving is in use, so never itself
+            if entry.state is not State.RESIDENT or victims is None:
+                return False
+            for victim in victims:
+                victim.state = State.EVICTING
+            entry.workspace += nbytes
+        self._evict(victims)  # before the caller allocates: the peak is what is held once they are gone
+        with self._cond:
+            self._peak = max(self._peak, self._held())
+        return True
+
+    def _unreserve(self, entry: Entry, nbytes: int) -> None:
+        with self._cond:
+            entry.workspace = max(0, entry.workspace - nbytes)
+            self._cond.notify_all()
 
     def _load(self, entry: Entry) -> None:
         spec = entry.spec
@@ -340,6 +392,10 @@ class ModelCache:
             if isinstance(exc, CacheError):
                 raise
             raise ModelLoadError(f"could not load {spec.id} from {spec.source}: {exc}") from exc
+        bind = getattr(model, "bind_workspace", None)
+        if bind is not None:
+            bind(Workspace(lambda nbytes: self._reserve(entry, nbytes), lambda nbytes: self._unreserve(entry, nbytes),
+                           self.max_batch, self.load_timeout))
         with self._cond:
             entry.model = model
             entry.bytes = measured or entry.bytes
@@ -389,6 +445,9 @@ class ModelCache:
         if not victims:
             return
         for entry in victims:
+            close = getattr(entry.model, "close", None)
+            if close is not None:
+                close()
             entry.model = None
         devices.release_memory(self.device)
         with self._cond:

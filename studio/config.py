@@ -67,6 +67,7 @@ class Settings:
     providers: Path | None = None  # external OpenAI-compatible providers (YAML)
     load_timeout: float = 300.0  # seconds a request waits for memory while every model is in use
     concurrency: int = 1  # generations at once per model
+    max_batch: int = 16  # sequences a chat model decodes together (continuous batching)
     analytics: bool = False  # Gradio's own usage analytics (off unless the user opts in)
 
 
@@ -124,7 +125,10 @@ def build_parser(env: dict) -> argparse.ArgumentParser:
     a("--load-timeout", default=_env(env, "STUDIO_LOAD_TIMEOUT", default="300"),
       help="seconds a request waits for memory while every resident model is busy (env STUDIO_LOAD_TIMEOUT)")
     a("--concurrency", default=_env(env, "STUDIO_CONCURRENCY", default="1"),
-      help="generations at once per model (env STUDIO_CONCURRENCY)")
+      help="generations at once per model, chat aside (env STUDIO_CONCURRENCY)")
+    a("--max-batch", default=_env(env, "STUDIO_MAX_BATCH", default="16"),
+      help="sequences a chat model decodes together, continuous batching; 1 serves one at a time "
+           "(env STUDIO_MAX_BATCH)")
     a("--analytics", action="store_true", default=_flag(env, "STUDIO_GRADIO_ANALYTICS"),
       help="opt in to Gradio's usage analytics (env STUDIO_GRADIO_ANALYTICS)")
     return p
@@ -192,6 +196,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         providers=Path(ns.providers) if ns.providers else None,
         load_timeout=_number("--load-timeout", ns.load_timeout, float, 0.1),
         concurrency=_number("--concurrency", ns.concurrency, int, 1, 64),
+        max_batch=_number("--max-batch", ns.max_batch, int, 1, 256),
         analytics=ns.analytics,
     )
     if settings.mcp and settings.auth:

@@ -16,6 +16,7 @@ from studio.config import ConfigError, Settings, format_size
 from studio.contract import InputError
 from studio.catalog import select_profile
 from studio.registry import ModelSpec, Registry
+from studio.telemetry import logreader
 from studio.telemetry.metrics import Metrics
 from studio.telemetry.requestlog import REQUEST_ID, Recorder, RequestLog
 
@@ -95,21 +96,23 @@ class Studio:
                     self.registry.replace(replace(entry, options={**theirs, **entry.options}))
         return self.registry.get(spec.id)
 
-    def _slot(self, model_id: str) -> threading.BoundedSemaphore:
+    def _slot(self, model_id: str, size: int) -> threading.BoundedSemaphore:
         with self._lock:
             if model_id not in self._slots:
-                self._slots[model_id] = threading.BoundedSemaphore(self.settings.concurrency)
+                self._slots[model_id] = threading.BoundedSemaphore(size)
             return self._slots[model_id]
 
     @contextmanager
-    def generation(self, spec: ModelSpec, call: Call, **fields: Any) -> Iterator[tuple[Lease, Recorder]]:
-        """Log, queue (per-model concurrency limit) and pin the model for one generation (on the call's device,
-        where a ZeroGPU call was given one)."""
+    def generation(self, spec: ModelSpec, call: Call, *, slots: int | None = None,
+                   **fields: Any) -> Iterator[tuple[Lease, Recorder]]:
+        """Log, queue and pin the model for one generation (on the call's device, where a ZeroGPU call was given
+        one). At most `slots` generations use a model at once (default --concurrency; chat models batch theirs,
+        up to --max-batch)."""
         with self.log.record(request_id=call.request_id, client=call.client, endpoint=call.endpoint,
                              modality=spec.modality, model=spec.id, session=call.session,
                              external=spec.external, **fields) as rec:
             queued = time.monotonic()
-            with self._slot(spec.id):
+            with self._slot(spec.id, slots or self.settings.concurrency):
                 rec.set(queue_ms=round((time.monotonic() - queued) * 1000, 1))
                 with self.cache.use(spec.id, run_on=devices.call_device()) as lease:
                     rec.set(cache="hit" if lease.hit else "load", load_ms=round(lease.load_seconds * 1000, 1))
@@ -131,8 +134,9 @@ def create_studio(settings: Settings) -> Studio:
         raise ConfigError(f"--preload: unknown model {unknown[0]!r} in the {choice.registry.name} profile; known: {known}")
     budget = settings.memory_budget or devices.default_budget(device)
     cache = ModelCache(choice.registry, budget=budget, device=device, strategy=settings.strategy,
-                       load_timeout=settings.load_timeout)
-    log = RequestLog(settings.log_dir, log_prompts=settings.log_prompts, device=device)
+                       load_timeout=settings.load_timeout, max_batch=settings.max_batch)
+    log = RequestLog(settings.log_dir, log_prompts=settings.log_prompts, device=device,
+                     finished_day=logreader.compile_day)
     cache.add_listener(log.cache_event)
     studio = Studio(settings, choice.registry, cache, log, choice.notice)
     studio.metrics.watch(cache, log)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -10,8 +11,9 @@ import gradio as gr
 import pandas as pd
 import pytest
 
-from studio.telemetry import analytics
-from studio.telemetry.analytics import Filters, LogReader, export_csv, report, storage_warning
+from studio.telemetry import analytics, logreader
+from studio.telemetry.analytics import Filters, export_csv, report, storage_warning
+from studio.telemetry.logreader import LogReader
 from studio.ui import analytics_tab
 
 
@@ -155,7 +157,7 @@ def _line(i: int, day: int = 5) -> bytes:
 
 def _categories_sorted(df: pd.DataFrame) -> pd.DataFrame:
     """Category order depends on the order rows were read in; values must not."""
-    used = {c: df[c].cat.remove_unused_categories() for c in analytics.CATEGORICAL}
+    used = {c: df[c].cat.remove_unused_categories() for c in logreader.CATEGORICAL}
     return df.assign(**{c: s.cat.set_categories(sorted(s.cat.categories)) for c, s in used.items()})
 
 
@@ -165,10 +167,10 @@ def _line_by_line(folder: Path) -> tuple[pd.DataFrame, int]:
     for path in sorted(folder.glob("requests-*.jsonl")):
         data = path.read_bytes()
         complete = data.rfind(b"\n") + 1
-        rows, bad = analytics.parse_lines(data[:complete])
-        frames.append(analytics.requests_frame(rows))
+        rows, bad = logreader.parse_lines(data[:complete])
+        frames.append(logreader.requests_frame(rows))
         partial += bad + (complete < len(data))
-    return analytics._concat(frames, analytics.CATEGORICAL), partial
+    return logreader._concat(frames, logreader.CATEGORICAL), partial
 
 
 def _agree(reader: LogReader, folder: Path, partial: int) -> None:
@@ -180,11 +182,11 @@ def _agree(reader: LogReader, folder: Path, partial: int) -> None:
     pd.testing.assert_frame_equal(_categories_sorted(cold.requests), _categories_sorted(slow))
 
 
-@pytest.mark.parametrize("piece", [analytics._LINE_BY_LINE, 512])
+@pytest.mark.parametrize("piece", [logreader._LINE_BY_LINE, 512])
 def test_incremental_reads_agree_with_full_rereads(tmp_path, monkeypatch, piece):
     """Torn middle lines, an unterminated last line, appends, a rotated, a truncated and a deleted file; with
     small pieces the reader halves refused pieces many times over."""
-    monkeypatch.setattr(analytics, "_LINE_BY_LINE", piece)
+    monkeypatch.setattr(logreader, "_LINE_BY_LINE", piece)
     first, second = tmp_path / "requests-2026-01-05.jsonl", tmp_path / "requests-2026-01-06.jsonl"
     first.write_bytes(b"".join(_line(i) for i in range(40)) + b'{"ts": "2026-01-05T11:0\n'
                       + b"".join(_line(i) for i in range(40, 150)) + b'{"model": "tiny-llama", "st\n'
@@ -224,8 +226,8 @@ def test_refresh_parses_only_appended_bytes(tmp_path, monkeypatch):
     reader = LogReader(tmp_path)
     assert len(reader.read().requests) == 100
     parsed = []
-    real = analytics._parse
-    monkeypatch.setattr(analytics, "_parse", lambda data, kind: parsed.append(len(data)) or real(data, kind))
+    real = logreader._parse
+    monkeypatch.setattr(logreader, "_parse", lambda data, kind: parsed.append(len(data)) or real(data, kind))
     new = b"".join(_line(i) for i in range(100, 103))
     with open(path, "ab") as fh:
         fh.write(new + b'{"ts": "2026')
@@ -237,16 +239,16 @@ def test_refresh_parses_only_appended_bytes(tmp_path, monkeypatch):
 
 def _pieces_read(data: bytes) -> tuple[list[pd.DataFrame], int]:
     """The reader's way with new bytes: parse into pieces, convert them."""
-    pieces, bad = analytics._parse(data, analytics._requests())
-    return analytics._convert(pieces, analytics._requests())[1], bad
+    pieces, bad = logreader._parse(data, logreader._requests())
+    return logreader._convert(pieces, logreader._requests())[1], bad
 
 
 def test_arrow_and_line_by_line_reads_type_rows_alike():
     """Every row arrow accepts becomes the frame the line-by-line path makes of it, so how the bytes were split
     into pieces never shows in the result; rows arrow refuses (a number as text) are read line by line."""
     data = b"".join(_line(i) for i in range(120)) + b'{"ts": "2026-01-05T13:00:00+01:00", "faces": 7}\n'
-    rows, bad = analytics.parse_lines(data)
-    expected = analytics.requests_frame(rows)
+    rows, bad = logreader.parse_lines(data)
+    expected = logreader.requests_frame(rows)
     frames, skipped = _pieces_read(data)
     assert len(frames) == 1 and bad == skipped == 0
     pd.testing.assert_frame_equal(frames[0], expected)
@@ -255,7 +257,7 @@ def test_arrow_and_line_by_line_reads_type_rows_alike():
 
     odd = data + b'{"ts": "2026-01-05T14:00:00.000Z", "latency_ms": "12.5", "model": 7}\n'
     frames, skipped = _pieces_read(odd)
-    df = analytics._concat(frames, analytics.CATEGORICAL)
+    df = logreader._concat(frames, logreader.CATEGORICAL)
     assert skipped == 0 and len(df) == len(rows) + 1
     assert df["latency_ms"].iloc[-1] == 12.5 and df["model"].iloc[-1] == "7"
     pd.testing.assert_frame_equal(_categories_sorted(df.iloc[:-1]), _categories_sorted(expected))
@@ -310,3 +312,41 @@ def test_storage_warning(monkeypatch, tmp_path):
 @pytest.mark.skipif(not Path("/proc/self/mounts").exists(), reason="reads Linux mount table")
 def test_filesystem_type_of_a_folder():
     assert analytics._filesystem(Path("/proc/self")) == "proc"
+
+
+def test_a_past_day_is_read_from_its_columnar_copy_once_compiled(tmp_path, monkeypatch):
+    """A finished day's file is parsed once: a cold reader then maps its columnar copy (the same frame); a copy
+    that no longer matches its file (appended to since) is ignored, and a damaged day is parsed every time."""
+    day, damaged = tmp_path / "requests-2026-01-05.jsonl", tmp_path / "requests-2026-01-06.jsonl"
+    day.write_bytes(b"".join(_line(i) for i in range(50)))
+    damaged.write_bytes(b"".join(_line(i, day=6) for i in range(10)) + b'{"torn\n' + _line(10, day=6))
+    first = LogReader(tmp_path).read()
+    assert (tmp_path / logreader.COLUMNAR / "requests-2026-01-05.arrow").exists()
+    assert not (tmp_path / logreader.COLUMNAR / "requests-2026-01-06.arrow").exists()
+
+    parsed = []
+    real = logreader._parse
+    monkeypatch.setattr(logreader, "_parse", lambda data, kind: parsed.append(len(data)) or real(data, kind))
+    again = LogReader(tmp_path).read()
+    assert parsed == [damaged.stat().st_size]  # the compiled day was not parsed
+    pd.testing.assert_frame_equal(_categories_sorted(again.requests), _categories_sorted(first.requests))
+    assert again.partial == first.partial == 1
+
+    with open(day, "ab") as fh:  # the copy no longer describes the file
+        fh.write(_line(50))
+    parsed.clear()
+    assert len(LogReader(tmp_path).read().requests) == 62 and day.stat().st_size in parsed
+
+
+def test_the_request_log_compiles_a_day_when_it_moves_on_to_the_next(tmp_path, monkeypatch):
+    from studio.telemetry import requestlog
+
+    done = threading.Event()
+    log = requestlog.RequestLog(tmp_path, finished_day=lambda path: (logreader.compile_day(path), done.set()))
+    monkeypatch.setattr(requestlog.time, "time", lambda: 20458 * 86400 + 60.0)  # 2026-01-05, a minute past midnight
+    log.write({"client": "rest", "modality": "chat", "model": "tiny-llama", "status": "ok"})
+    monkeypatch.setattr(requestlog.time, "time", lambda: 20459 * 86400 + 60.0)  # the next day
+    log.write({"client": "rest", "modality": "chat", "model": "tiny-llama", "status": "ok"})
+    assert done.wait(30)
+    assert (tmp_path / logreader.COLUMNAR / "requests-2026-01-05.arrow").exists()
+    assert len(LogReader(tmp_path).read().requests) == 2

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port
 from starlette.middleware import Middleware
 
-from studio.telemetry.analytics import LogReader
+from studio.telemetry.logreader import LogReader
 from studio.telemetry.metrics import Metrics
 from studio.telemetry.middleware import RequestIdMiddleware
 from studio.runtime import Call

@@ -154,7 +154,8 @@ def echo_modality():
 
 
 def test_one_registration_adds_a_modality_everywhere(echo_modality, make_studio):
-    from studio.telemetry.analytics import LogReader, report
+    from studio.telemetry.analytics import report
+    from studio.telemetry.logreader import LogReader
     from studio.ui import build_ui
 
     studio = make_studio()

@@ -139,6 +139,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = Field(None, ge=0, lt=SEED_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="extension (as in vLLM): generate max_tokens whatever the model says")
 
     def request(self) -> ChatRequest:
         only(self, n=1, presence_penalty=0.0, frequency_penalty=0.0)
@@ -148,7 +149,7 @@ class ChatCompletionRequest(BaseModel):
         return ChatRequest(messages=messages, model=self.model,
                            max_new_tokens=self.max_completion_tokens or self.max_tokens, temperature=self.temperature,
                            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                           seed=self.seed, stop=stop or None)
+                           seed=self.seed, stop=stop or None, ignore_eos=self.ignore_eos)
 
 
 class ChatChoiceMessage(BaseModel):

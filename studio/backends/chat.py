@@ -1,29 +1,35 @@
 """Chat: causal language models from transformers with their own chat template, or a model of an external
 OpenAI-compatible provider; one service behind the Chat tab, `POST /generate/text`, `/v1/chat/completions` and MCP.
 
-`stream_chat` validates the request, then relays the loaded model's `stream`: the local `TransformersChat` runs
-`model.generate` in a thread and streams its text through a `TextIteratorStreamer`; a stopping criterion checked
-at every token ends the generation as soon as the caller's cancel event is set (the session's Stop, a client that
-went away), a stop string appears, or the consumer stops reading, so a stopped request frees the model within a
-token or two. Sampling draws from a generator owned by the request, so a seed reproduces a reply even while other
-requests sample at the same time. `ProviderChat` streams the same events from a provider's chat completions.
+`stream_chat` validates the request, then relays the loaded model's `stream`. The local `TransformersChat` decodes
+the requests to one model together, in a continuous batch (studio/backends/batching.py): a request joins the
+running batch as it arrives and leaves it as it ends. Its reply ends within a step when the caller's cancel event
+is set (the session's Stop, a client that went away), a stop string appears or the consumer stops reading.
+Sampling draws from a generator owned by the request, so a seed reproduces a reply whatever else is in the batch.
+`ProviderChat` streams the same events from a provider's chat completions.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import openai
 import torch
-from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextIteratorStreamer
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextStreamer
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.streamers import BaseStreamer
 
+from studio import devices
+from studio.backends.batching import BatchEngine, EngineBusy, EngineClosed, SamplingParams
 from studio.backends.remote import ProviderClient, calling, connect_client
+from studio.cache import CacheBusy, Workspace
 from studio.contract import InputError, ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
 from studio.runtime import Call, Studio
@@ -67,6 +73,7 @@ class ChatRequest:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
+    ignore_eos: bool = False  # generate max_new_tokens whatever the model says (benchmarks; vLLM's extension)
 
 
 @dataclass
@@ -135,6 +142,7 @@ def validate(studio: Studio, req: ChatRequest) -> tuple[ModelSpec, ChatRequest]:
     stops = req.stop or []
     require(isinstance(stops, list) and len(stops) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in stops),
             "stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
+    require(isinstance(req.ignore_eos, bool), "ignore_eos", "must be true or false")
     if opts.context_length:
         newest = len(req.messages[-1]["content"]) + len(req.system or "")
         require(newest <= opts.context_length * CHARS_PER_TOKEN, "messages",
@@ -162,7 +170,7 @@ def stream_chat(studio: Studio, req: ChatRequest, call: Call) -> Iterator[ChatEv
     seed = pick_seed(req.seed)
     conversation = ([{"role": "system", "content": req.system}] if req.system else []) + [
         {"role": m["role"], "content": m["content"]} for m in req.messages]
-    with studio.generation(spec, call) as (lease, rec):
+    with studio.generation(spec, call, slots=studio.settings.max_batch) as (lease, rec):
         rec.set(prompt=req.messages[-1]["content"], seed=seed)
         started = time.perf_counter()
         model: ChatBackend = lease.model
@@ -305,65 +313,167 @@ class _StopStrings:
         return text
 
 
+class _Text(TextStreamer):
+    """transformers' streaming detokenizer (whole words, no broken UTF-8 sequences), collecting instead of printing."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer, skip_special_tokens=True)
+        self.pieces: list[str] = []
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.pieces.append(text)
+
+    def feed(self, token: int | None) -> str:
+        """The text `token` completes (None: the end of the reply, flush what is held back)."""
+        self.put(torch.tensor([token])) if token is not None else self.end()
+        text, self.pieces = "".join(self.pieces), []
+        return text
+
+
+class _TokenQueue(BaseStreamer):
+    """`generate`'s streamer, passing on the new token ids (the first call carries the prompt)."""
+
+    def __init__(self):
+        self.ids: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            for token in value.reshape(-1).tolist():
+                self.ids.put(token)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.ids.put(None)
+
+
 @dataclass
+class _Tokens:
+    """The new token ids of one reply as they come, then its counts."""
+
+    ids: Iterator[int]
+    prompt_tokens: int
+    completion_tokens: Callable[[], int]
+    finish_reason: Callable[[], str | None]  # the model's own: "stop", "length", "cancelled" (None: not known)
+
+
+@dataclass(eq=False)
 class TransformersChat:
-    """A local causal LM and its tokenizer."""
+    """A local causal LM and its tokenizer.
+
+    Requests decode together in one `BatchEngine` (continuous batching, studio/backends/batching.py) once the cache
+    has bound the model's workspace (its KV cache comes from the memory budget). Each request runs `generate` on its
+    own where the engine cannot serve: inside a ZeroGPU call (the model moves to the GPU for that call only) and for
+    models it does not support (sliding-window or linear attention layers)."""
 
     model: torch.nn.Module
     tokenizer: object
     context_length: int
+    engine: BatchEngine | None = None
+
+    def bind_workspace(self, workspace: Workspace) -> None:
+        try:
+            self.engine = BatchEngine(self.model, self._eos(), max_context=self.context_length,
+                                      max_batch=workspace.max_sequences, reserve=workspace.reserve,
+                                      release=workspace.release, max_wait_s=workspace.max_wait_s)
+        except ValueError:  # an architecture the engine does not support: one request at a time
+            self.engine = None
+
+    def serving(self) -> tuple[int, int]:
+        """(sequences in the batch, requests waiting for a slot or KV memory)."""
+        stats = self.engine.stats() if self.engine is not None else None
+        return (stats.running, stats.waiting) if stats else (0, 0)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
     def stream(self, conversation: list[dict[str, str]], req: ChatRequest, seed: int,
                cancel: threading.Event | None) -> Iterator[ChatEvent]:
         ids, dropped = fit_history(self.tokenizer, conversation, self.context_length - req.max_new_tokens)
+        batched = self.engine is not None and devices.call_device() is None
+        tokens = (self._batched if batched else self._alone)(ids, req, seed, cancel)
+        text, stops = _Text(self.tokenizer), _StopStrings(req.stop)
+        with closing(tokens.ids):
+            for token in chain(tokens.ids, [None]):
+                piece = stops.feed(text.feed(token))
+                if piece:
+                    yield ChatEvent(piece)
+                if stops.hit:
+                    break
+        if stops.pending:
+            yield ChatEvent(stops.pending)
+        finish = ("cancelled" if cancel is not None and cancel.is_set() else "stop" if stops.hit
+                  else tokens.finish_reason() or "stop")
+        yield ChatEvent("", done=True, usage={"prompt_tokens": tokens.prompt_tokens,
+                                              "completion_tokens": tokens.completion_tokens()},
+                        finish_reason=finish, dropped_turns=dropped)
+
+    def _batched(self, ids: list[int], req: ChatRequest, seed: int, cancel: threading.Event | None) -> _Tokens:
+        params = SamplingParams(max_new_tokens=req.max_new_tokens, temperature=req.temperature, top_p=req.top_p,
+                                top_k=req.top_k, repetition_penalty=req.repetition_penalty, seed=seed,
+                                eos_token_ids=() if req.ignore_eos else None)
+        try:
+            sequence = self.engine.submit(ids, params, cancel=cancel)
+        except EngineClosed:
+            raise CacheBusy(f"{req.model} was unloaded while this request waited; try again") from None
+
+        def stream() -> Iterator[int]:
+            try:
+                yield from sequence
+            except EngineBusy as exc:
+                raise CacheBusy(str(exc)) from None
+            finally:  # the consumer stopped reading (a stop string, a client gone): free the slot now
+                sequence.cancel()
+
+        return _Tokens(stream(), len(ids), lambda: sequence.completion_tokens, lambda: sequence.finish_reason)
+
+    def _alone(self, ids: list[int], req: ChatRequest, seed: int, cancel: threading.Event | None) -> _Tokens:
         input_ids = torch.tensor([ids], device=self.model.device)
-        halt = threading.Event()
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        halt, streamer, count = threading.Event(), _TokenQueue(), [0]
         sampler = [_SeededSampler(seed, req.temperature, req.top_k, req.top_p)] if req.temperature > 0 else []
         outcome: dict = {}
 
         def generate() -> None:
             try:
-                outcome["sequences"] = self.model.generate(
-                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                    generation_config=self._generation_config(req), logits_processor=sampler,
-                    stopping_criteria=[_Halt(cancel, halt)])
+                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    streamer=streamer, generation_config=self._generation_config(req),
+                                    logits_processor=sampler, stopping_criteria=[_Halt(cancel, halt)])
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 outcome["error"] = exc
                 streamer.end()
 
-        stops = _StopStrings(req.stop)
-        worker = threading.Thread(target=generate, name=f"chat-{req.model}", daemon=True)
-        worker.start()
-        try:
-            for piece in streamer:
-                text = stops.feed(piece)
-                if text:
-                    yield ChatEvent(text)
-                if stops.hit:
-                    halt.set()
-                    break
-            if stops.pending:
-                yield ChatEvent(stops.pending)
-        finally:
-            halt.set()  # no-op after a normal end; stops the model when the consumer stopped reading
-            worker.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        completion = int(outcome["sequences"].shape[1]) - len(ids)
-        finish = ("cancelled" if cancel is not None and cancel.is_set() else "stop" if stops.hit
-                  else "length" if completion >= req.max_new_tokens else "stop")
-        yield ChatEvent("", done=True, usage={"prompt_tokens": len(ids), "completion_tokens": completion},
-                        finish_reason=finish, dropped_turns=dropped)
+        def stream() -> Iterator[int]:
+            worker = threading.Thread(target=generate, name=f"chat-{req.model}", daemon=True)
+            worker.start()
+            try:
+                while (token := streamer.ids.get()) is not None:
+                    count[0] += 1
+                    yield token
+            finally:
+                halt.set()  # no-op after a normal end; stops the model when the consumer stopped reading
+                worker.join()
+            if "error" in outcome:
+                raise outcome["error"]
+
+        def finish() -> str:
+            return "length" if count[0] >= req.max_new_tokens else "stop"
+
+        return _Tokens(stream(), len(ids), lambda: count[0], finish)
+
+    def _eos(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return [eos] if isinstance(eos, int) else list(eos or [])
 
     def _generation_config(self, req: ChatRequest) -> GenerationConfig:
         """Only the model's special tokens come from its own generation config; sampling comes from the request."""
         base = self.model.generation_config
-        eos = base.eos_token_id if base.eos_token_id is not None else self.tokenizer.eos_token_id
+        eos = [] if req.ignore_eos else self._eos()
         pad = base.pad_token_id if base.pad_token_id is not None else self.tokenizer.pad_token_id
         if pad is None:
-            pad = eos[0] if isinstance(eos, list) else eos
-        return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=False, eos_token_id=eos,
+            pad = self._eos()[0]
+        return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=False, eos_token_id=eos or None,
                                 pad_token_id=pad, bos_token_id=base.bos_token_id,
                                 repetition_penalty=req.repetition_penalty)
 
@@ -382,7 +492,7 @@ class ProviderChat(ProviderClient):
 
     def stream(self, conversation: list[dict[str, str]], req: ChatRequest, seed: int,
                cancel: threading.Event | None) -> Iterator[ChatEvent]:
-        extra = {"top_k": req.top_k, "repetition_penalty": req.repetition_penalty}
+        extra = {"top_k": req.top_k, "repetition_penalty": req.repetition_penalty, "ignore_eos": req.ignore_eos or None}
         sent = {name: value for name, value in (("max_tokens", req.max_new_tokens), ("temperature", req.temperature),
                                                 ("top_p", req.top_p)) if value is not None}
         usage, finish, pieces = {}, "stop", 0

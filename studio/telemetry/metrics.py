@@ -156,11 +156,23 @@ class _ResidentCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.cache.snapshot()
-        resident = GaugeMetricFamily("studio_model_resident_bytes", "Memory held by each resident model.",
-                                     labels=["model", "modality"])
+        labels = ["model", "modality"]
+        resident = GaugeMetricFamily("studio_model_resident_bytes", "Memory held by each resident model's weights.",
+                                     labels=labels)
+        workspace = GaugeMetricFamily("studio_model_workspace_bytes", "Memory reserved beyond the weights while "
+                                      "serving (a chat model's KV cache).", labels=labels)
+        running = GaugeMetricFamily("studio_model_running_sequences", "Sequences in a chat model's batch now.",
+                                    labels=labels)
+        waiting = GaugeMetricFamily("studio_model_waiting_requests", "Requests waiting for a batch slot or KV "
+                                    "memory.", labels=labels)
         for model in snap.models:
-            resident.add_metric([model.id, model.modality], model.bytes)
-        yield resident
+            names = [model.id, model.modality]
+            resident.add_metric(names, model.bytes)
+            workspace.add_metric(names, model.workspace_bytes)
+            if model.running is not None:
+                running.add_metric(names, model.running)
+                waiting.add_metric(names, model.waiting)
+        yield from (resident, workspace, running, waiting)
         yield GaugeMetricFamily("studio_model_memory_budget_bytes", "Memory the model cache may use.",
                                 value=snap.budget_bytes)
         yield GaugeMetricFamily("studio_model_memory_used_bytes", "Memory the model cache uses now.",

@@ -67,13 +67,18 @@ def utc_stamp(when: datetime) -> str:
 
 
 class JsonlWriter:
-    """Appends JSON objects as lines to `<folder>/<prefix>-YYYY-MM-DD.jsonl`, safe across threads and processes."""
+    """Appends JSON objects as lines to `<folder>/<prefix>-YYYY-MM-DD.jsonl`, safe across threads and processes.
 
-    def __init__(self, folder: Path, prefix: str, *, fsync_interval: float = 1.0):
+    `finished_day(path)` is called (on a thread of its own) with a day's file once the writer has moved on to the
+    next day: the log reader compiles finished days into columnar copies (studio.telemetry.logreader)."""
+
+    def __init__(self, folder: Path, prefix: str, *, fsync_interval: float = 1.0,
+                 finished_day: Callable[[Path], None] | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix = prefix
         self.fsync_interval = fsync_interval
+        self.finished_day = finished_day
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._day: int | None = None
@@ -106,13 +111,18 @@ class JsonlWriter:
         """The descriptor for the file of `day` (days since 1970, UTC), reopened when the day changes or the
         file was deleted under us."""
         if self._fd is not None and (day != self._day or os.fstat(self._fd).st_nlink == 0):
+            finished = self._path(self._day) if day != self._day else None
             self._close()
+            if finished is not None and self.finished_day is not None:
+                threading.Thread(target=self.finished_day, args=(finished,), name="log-day-done", daemon=True).start()
         if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)  # the folder may have been removed while we ran
-            path = self.folder / f"{self.prefix}-{datetime.fromtimestamp(day * 86400, timezone.utc):%Y-%m-%d}.jsonl"
-            self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            self._fd = os.open(self._path(day), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             self._day = day
         return self._fd
+
+    def _path(self, day: int) -> Path:
+        return self.folder / f"{self.prefix}-{datetime.fromtimestamp(day * 86400, timezone.utc):%Y-%m-%d}.jsonl"
 
     def _close(self) -> None:
         os.fsync(self._fd)
@@ -206,11 +216,12 @@ def _adapters(value: Any) -> dict[str, float] | None:
 class RequestLog:
     """The request log of one folder. `record()` wraps a generation; listeners (metrics) see every row."""
 
-    def __init__(self, folder: Path, *, log_prompts: bool = False, device: str = "cpu", fsync_interval: float = 1.0):
+    def __init__(self, folder: Path, *, log_prompts: bool = False, device: str = "cpu", fsync_interval: float = 1.0,
+                 finished_day: Callable[[Path], None] | None = None):
         self.folder = Path(folder)
         self.log_prompts = log_prompts
-        self._requests = JsonlWriter(self.folder, "requests", fsync_interval=fsync_interval)
-        self._cache = JsonlWriter(self.folder, "cache", fsync_interval=fsync_interval)
+        self._requests = JsonlWriter(self.folder, "requests", fsync_interval=fsync_interval, finished_day=finished_day)
+        self._cache = JsonlWriter(self.folder, "cache", fsync_interval=fsync_interval, finished_day=finished_day)
         self._memory = _PeakMemory(device)
         self._listeners: list[Callable[[dict], None]] = []
         self.write_errors = 0

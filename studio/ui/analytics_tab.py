@@ -10,7 +10,8 @@ import gradio as gr
 
 from studio import modalities
 from studio.runtime import Studio
-from studio.telemetry.analytics import FIGURES, Filters, LogReader, export_csv, report, storage_warning
+from studio.telemetry.analytics import FIGURES, Filters, export_csv, report, storage_warning
+from studio.telemetry.logreader import LogReader
 
 RANGES = {"Last hour": timedelta(hours=1), "Last 24 hours": timedelta(days=1), "Last 7 days": timedelta(days=7),
           "Last 30 days": timedelta(days=30), "All time": None}

@@ -182,7 +182,7 @@ def build(studio: Studio) -> None:
     whole = Runner(studio, "chat", complete_chat)
     generation = {"fn": run, "inputs": [chatbot, *sampling], "outputs": [chatbot, status],
                   "api_visibility": "private", "concurrency_id": "chat",
-                  "concurrency_limit": studio.settings.concurrency}
+                  "concurrency_limit": studio.settings.max_batch}  # replies decode together: continuous batching
     gr.on([message.submit, send.click], add_message, [message, chatbot], [message, chatbot], queue=False,
           api_visibility="private").success(**generation)
     retry_btn.click(retry, chatbot, chatbot, queue=False, api_visibility="private").success(**generation)
@@ -194,4 +194,4 @@ def build(studio: Studio) -> None:
                  [max_new_tokens, temperature, top_p, top_k, repetition_penalty], queue=False,
                  api_visibility="private")
     gr.api(generate_text, api_name="generate_text", concurrency_id="chat",
-           concurrency_limit=studio.settings.concurrency)
+           concurrency_limit=studio.settings.max_batch)

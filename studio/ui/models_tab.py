@@ -10,13 +10,14 @@ import pandas as pd
 from studio.config import format_size
 from studio.runtime import Studio, describe
 
-COLUMNS = ["model", "modality", "state", "size", "in use", "idle s", "load s"]
+COLUMNS = ["model", "modality", "state", "size", "KV cache", "in use", "batch", "waiting", "idle s", "load s"]
 
 
 def _table(studio: Studio) -> tuple[pd.DataFrame, str, dict]:
     snap = studio.cache.snapshot()
-    rows = [[m.id, m.modality, m.state, format_size(m.bytes), m.pins, m.idle_seconds, m.load_seconds]
-            for m in snap.models]
+    rows = [[m.id, m.modality, m.state, format_size(m.bytes), format_size(m.workspace_bytes) if m.workspace_bytes
+             else "", m.pins, "" if m.running is None else m.running, "" if m.waiting is None else m.waiting,
+             m.idle_seconds, m.load_seconds] for m in snap.models]
     summary = (f"**{describe(studio)}** · used {format_size(snap.used_bytes)} of {format_size(snap.budget_bytes)} "
                f"(peak {format_size(snap.peak_bytes)}) · hits {snap.hits} · misses {snap.misses} · "
                f"loads {snap.loads} · failed loads {snap.load_failures} · evictions {snap.evictions} · "
