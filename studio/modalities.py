@@ -122,5 +122,5 @@ register(built_in("3d", "shape", "3D", "ShapeOptions", external=False, columns=(
                   totals=(Total("3D meshes"),)))
 register(built_in("video", "video", "Video", "VideoOptions", external=False,
                   columns=("frames", "video_seconds", "fps"),
-                  totals=(Total("videos"), Total("video seconds", "video_seconds"),
+                  totals=(Total("videos"), Total("video seconds", "video_seconds"), Total("frames", "frames"),
                           Total("ms per frame", "latency_ms", per="frames"))))

@@ -96,7 +96,7 @@ def test_front_matter_describes_the_space():
     assert meta["app_file"] == "app.py" and (ROOT / meta["app_file"]).is_file()
     assert isinstance(meta["python_version"], str) and re.fullmatch(r"3\.\d+", meta["python_version"])
     assert isinstance(meta["title"], str) and meta["title"] and len(meta.get("short_description", "")) <= 60
-    repos = [spec.repo for spec in DEFAULT_MODELS if spec.repo]
+    repos = list(dict.fromkeys(source.repo for spec in DEFAULT_MODELS for source in spec.sources().values()))
     assert meta["models"] == repos
     assert [entry.split()[0] for entry in meta["preload_from_hub"]] == repos
     assert meta["suggested_hardware"] in HARDWARE and meta["suggested_storage"] in ("small", "medium", "large")

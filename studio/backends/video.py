@@ -199,7 +199,7 @@ def generate_video(studio: Studio, req: VideoRequest, call: Call) -> VideoResult
         for index, fmt in enumerate(plan.formats):
             call.report(STEP_SHARE + (1 - STEP_SHARE) * index / len(plan.formats), f"encoding {fmt.upper()}")
             files[fmt] = FORMATS[fmt].encode(clip, plan.fps)
-        rec.set(frames=len(clip), video_seconds=round(plan.seconds, 3))
+        rec.set(frames=len(clip), video_seconds=plan.seconds)
     return VideoResult(files, thumbnail(clip), plan.seed, plan.settings())
 
 

@@ -209,7 +209,7 @@ class VideoJobs:
                     "message": "the server stopped before this video was finished; create it again"})
         owned = {f"{job_id}{suffix}" for job_id, job in self._jobs.items() if job.status == "completed"
                  for suffix in SUFFIXES.values()} | {f"{job_id}.json" for job_id in self._jobs}
-        for path in self.folder.glob("video_*") if self.folder.is_dir() else ():
+        for path in self.folder.glob("*video_*") if self.folder.is_dir() else ():
             if path.name not in owned and not path.name.endswith(".json"):  # half-written, or of a lost job
                 path.unlink(missing_ok=True)
         return self._jobs

@@ -108,7 +108,8 @@ def build(studio: Studio) -> None:
                               elem_id="video-player")
             status = gr.Markdown()
             downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
-            clips = gr.Gallery(label="This session's clips", columns=4, height=220, allow_preview=False)
+            clips = gr.Gallery(label="This session's clips", columns=4, height=220, allow_preview=False,
+                               object_fit="contain")
             details = gr.JSON(label="Settings of the selected clip", open=True)
             reuse = gr.Button("Use these settings")
     history = gr.State([])  # [{"paths": {...}, "settings": {...}}], newest first
