@@ -168,10 +168,11 @@ def build(studio: Studio) -> None:
     reuse.click(on_reuse, details, [model, prompt, negative, frames, fps, width, height, steps, guidance, loras.box,
                                     seed, *loras.outputs], api_visibility="private")
 
-    def generate_video_api(prompt: str, negative_prompt: str = "", model: str = first, frames: int | None = None,
-                           fps: float | None = None, width: int | None = None, height: int | None = None,
-                           steps: int | None = None, guidance: float | None = None, seed: int | None = None,
-                           adapters: dict[str, float] | None = None, format: str = "mp4") -> FileData:
+    # Named as its MCP tool, which Gradio names after the function (inside build() it hides the service's name).
+    def generate_video(prompt: str, negative_prompt: str = "", model: str = first, frames: int | None = None,
+                       fps: float | None = None, width: int | None = None, height: int | None = None,
+                       steps: int | None = None, guidance: float | None = None, seed: int | None = None,
+                       adapters: dict[str, float] | None = None, format: str = "mp4") -> FileData:
         """Make a short video clip from text and return it as a file (H.264 MP4 unless `format` says otherwise).
 
         Args:
@@ -195,5 +196,5 @@ def build(studio: Studio) -> None:
         path = save_clip(result)[format]
         return FileData(path=path, mime_type=FORMATS[format].media_type)
 
-    generate_video_api.__doc__ = generate_video_api.__doc__.format(models=", ".join(models))
-    gr.api(generate_video_api, api_name="generate_video", concurrency_limit=None)
+    generate_video.__doc__ = generate_video.__doc__.format(models=", ".join(models))
+    gr.api(generate_video, api_name="generate_video", concurrency_limit=None)
