@@ -11,11 +11,16 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from studio.registry import ModelSpec, Registry
+from studio.registry import ModelSpec, Registry, Source
 from studio.weights import is_cached
 
 GPU_HALF = {"cuda": "float16", "mps": "float16", "cpu": "float32"}
 GPU_BF16 = {"cuda": "bfloat16", "mps": "float16", "cpu": "bfloat16"}
+
+SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# Video families (studio.backends.video.VideoOptions): Wan 2.1 as its Diffusers repo and model card run it.
+WAN = {"family": "wan", "frames": 33, "max_frames": 81, "fps": 16, "width": 832, "height": 480, "max_size": 832,
+       "steps": 30, "guidance": 5.0, "loras": False}
 
 PIPER = ModelSpec(
     id="piper-joe", modality="text-to-speech", label="Piper · Joe (US English, offline)",
@@ -44,15 +49,25 @@ DEFAULT_MODELS = (
     ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo",
               loader="studio.backends.image:load_stable_diffusion", params=1_300_000_000, dtypes=GPU_HALF,
               options={"steps": 1, "max_steps": 4, "guidance": 0.0, "max_size": 768, "negative_prompt": False}),
-    ModelSpec(id="sd-1.5", modality="image", label="Stable Diffusion 1.5",
-              repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ModelSpec(id="sd-1.5", modality="image", label="Stable Diffusion 1.5", repo=SD15_REPO,
               loader="studio.backends.image:load_stable_diffusion", params=1_066_000_000, dtypes=GPU_HALF),
     ModelSpec(id="shap-e", modality="3d", label="Shap-E (OpenAI)", repo="openai/shap-e",
               loader="studio.backends.shape:load_shap_e", params=640_000_000, dtypes=GPU_HALF),
+    # SD 1.5 (as the image model, so its LoRAs fit) with AnimateDiff v3's motion modules in motion_adapter/. Its
+    # own cache entry: the UNetMotionModel copies the UNet's weights, so nothing is shared with sd-1.5.
+    ModelSpec(id="animatediff", modality="video", label="AnimateDiff v3 (SD 1.5)", repo=SD15_REPO,
+              skip=("safety_checker/",), loader="studio.backends.video:load_animatediff", params=1_485_000_000,
+              dtypes=GPU_HALF, parts={"motion_adapter": Source("guoyww/animatediff-motion-adapter-v1-5-3",
+                                                               skip=("*.fp16.*",))}),
+    # 1.3B transformer, UMT5-XXL text encoder (5.7B parameters, about 11 GB in bfloat16), VAE kept in float32.
+    ModelSpec(id="wan2.1-t2v-1.3b", modality="video", label="Wan 2.1 T2V 1.3B",
+              repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", loader="studio.backends.video:load_wan",
+              params=7_350_000_000, dtypes=GPU_BF16, options=WAN),
 )
 
 TINY_CHAT = {"context_length": 256, "max_new_tokens": 128, "default_max_new_tokens": 64}
 TINY_IMAGE = {"width": 64, "height": 64, "max_size": 128}
+TINY_VIDEO = {"width": 64, "height": 64, "max_size": 128, "steps": 4, "max_steps": 50}
 
 TINY_MODELS = (
     ModelSpec(id="tiny-llama", modality="chat", label="Tiny Llama (random weights)",
@@ -83,6 +98,14 @@ TINY_MODELS = (
               stands_for="openai/shap-e",
               options={"steps": 4, "max_steps": 64, "frame_size": 32, "max_frame_size": 64, "grid_size": 32,
                        "render_samples": (8, 16)}),
+    ModelSpec(id="tiny-animatediff", modality="video", label="Tiny AnimateDiff (random weights)",
+              build="studio.tiny.video:build_animatediff", loader="studio.backends.video:load_animatediff",
+              params=2_000_000, stands_for="guoyww/animatediff-motion-adapter-v1-5-3",
+              options={**TINY_VIDEO, "frames": 8, "max_frames": 16}),
+    ModelSpec(id="tiny-wan", modality="video", label="Tiny Wan 2.1 (random weights)",
+              build="studio.tiny.video:build_wan", loader="studio.backends.video:load_wan", params=500_000,
+              stands_for="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+              options={**WAN, **TINY_VIDEO, "frames": 9, "max_frames": 17}),
 )
 
 
@@ -112,7 +135,7 @@ def select_profile(requested: str) -> ProfileChoice:
         return ProfileChoice(Registry("tiny", TINY_MODELS), None)
     if requested == "default" or any(is_cached(s) for s in DEFAULT_MODELS if s.repo) or hub_reachable():
         return ProfileChoice(Registry("default", DEFAULT_MODELS), None)
-    real = ", ".join(s.repo for s in DEFAULT_MODELS if s.repo)
+    real = ", ".join(dict.fromkeys(source.repo for s in DEFAULT_MODELS for source in s.sources().values()))
     notice = (
         "No network and no cached models: running the tiny profile (small random-weight models, "
         f"plus the Piper voice). With a connection the studio uses: {real}."

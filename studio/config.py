@@ -69,6 +69,8 @@ class Settings:
     concurrency: int = 1  # generations at once per model
     max_batch: int = 16  # sequences a chat model decodes together (continuous batching)
     analytics: bool = False  # Gradio's own usage analytics (off unless the user opts in)
+    video_dir: Path = Path("outputs/videos")  # the videos of /v1/videos jobs, kept across restarts
+    video_dir_limit: int = 2 * 2**30  # bytes those videos may take; the oldest are deleted first
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,6 +133,12 @@ def build_parser(env: dict) -> argparse.ArgumentParser:
            "(env STUDIO_MAX_BATCH)")
     a("--analytics", action="store_true", default=_flag(env, "STUDIO_GRADIO_ANALYTICS"),
       help="opt in to Gradio's usage analytics (env STUDIO_GRADIO_ANALYTICS)")
+    a("--video-dir", default=_env(env, "STUDIO_VIDEO_DIR"),
+      help="where /v1/videos jobs keep their videos (env STUDIO_VIDEO_DIR; default /data/videos on Spaces with "
+           "storage, else outputs/videos)")
+    a("--video-dir-limit", default=_env(env, "STUDIO_VIDEO_DIR_LIMIT", default="2GiB"),
+      help="the most the videos in --video-dir may take, e.g. 2GiB; the oldest are deleted first "
+           "(env STUDIO_VIDEO_DIR_LIMIT)")
     return p
 
 
@@ -150,6 +158,13 @@ def _number(flag: str, value: str, kind: type, low: float, high: float | None = 
     return number
 
 
+def _size(flag: str, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
 def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
     if not value:
         return ()
@@ -164,18 +179,23 @@ def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _persistent() -> bool:
+    return SPACES_DATA.is_dir() and os.access(SPACES_DATA, os.W_OK)
+
+
 def default_log_dir() -> Path:
-    return SPACES_DATA / "logs" if SPACES_DATA.is_dir() and os.access(SPACES_DATA, os.W_OK) else Path("logs")
+    return SPACES_DATA / "logs" if _persistent() else Path("logs")
+
+
+def default_video_dir() -> Path:
+    return SPACES_DATA / "videos" if _persistent() else Path("outputs/videos")
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -> Settings:
     """Turn CLI flags and environment variables into Settings; raises ConfigError naming the flag."""
     env = dict(os.environ if env is None else env)
     ns = build_parser(env).parse_args(argv)
-    try:
-        budget = parse_size(ns.memory_budget) if ns.memory_budget else None
-    except ValueError as exc:
-        raise ConfigError(f"--memory-budget: {exc}") from None
+    budget = _size("--memory-budget", ns.memory_budget) if ns.memory_budget else None
     api_keys = ns.api_key or [k for k in (env.get("STUDIO_API_KEYS") or "").split(",") if k.strip()]
     settings = Settings(
         host=ns.host,
@@ -198,6 +218,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         concurrency=_number("--concurrency", ns.concurrency, int, 1, 64),
         max_batch=_number("--max-batch", ns.max_batch, int, 1, 256),
         analytics=ns.analytics,
+        video_dir=Path(ns.video_dir) if ns.video_dir else default_video_dir(),
+        video_dir_limit=_size("--video-dir-limit", ns.video_dir_limit),
     )
     if settings.mcp and settings.auth:
         raise ConfigError("--mcp: Gradio's MCP server cannot log in, so with --auth its tools would be listed to "

@@ -38,6 +38,7 @@ class Total:
 
     label: str  # "images", "audio (s)"
     column: str | None = None  # the request-log column summed; None counts the requests
+    per: str | None = None  # another column: the total is sum(column) / sum(per), e.g. milliseconds per frame
 
 
 @dataclass(frozen=True)
@@ -119,3 +120,7 @@ register(built_in("image", "image", "Image", "ImageOptions", columns=("images", 
                   totals=(Total("images", "images"),)))
 register(built_in("3d", "shape", "3D", "ShapeOptions", external=False, columns=("faces",),
                   totals=(Total("3D meshes"),)))
+register(built_in("video", "video", "Video", "VideoOptions", external=False,
+                  columns=("frames", "video_seconds", "fps"),
+                  totals=(Total("videos"), Total("video seconds", "video_seconds"), Total("frames", "frames"),
+                          Total("ms per frame", "latency_ms", per="frames"))))

@@ -29,6 +29,16 @@ class Provider:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A Hub repository that holds part of a model's files (AnimateDiff: the motion adapter beside SD 1.5)."""
+
+    repo: str
+    revision: str = "main"
+    # Its files the model never reads, as Hub glob patterns ("safety_checker/": a folder; "*.fp16.*": variants).
+    skip: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model entry. `options` override its modality's defaults and caps (see `ModelOptions.of`)."""
 
@@ -39,12 +49,22 @@ class ModelSpec:
     params: int  # parameter count, for the size estimate before the weights are on disk
     repo: str | None = None  # Hugging Face Hub repo id
     revision: str = "main"
+    skip: tuple[str, ...] = ()  # files of `repo` the model never reads (Hub glob patterns; see Source.skip)
+    # More repositories, each put in a subfolder of the model's folder: {"motion_adapter": Source(...)}
+    parts: Mapping[str, Source] = field(default_factory=dict)
     build: str | None = None  # tiny profile: "module:function" that writes the model into a folder
     dtypes: Mapping[str, str] = field(default_factory=lambda: dict(FP32))
     stands_for: str | None = None  # tiny profile: the real model this one mimics
     provider: Provider | None = None  # served by this external provider instead of a local load
     remote: str | None = None  # the provider's name for the model
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def sources(self) -> dict[str, Source]:
+        """Where the files come from: {subfolder ("" for the model's own folder): Source}; empty for a model built
+        locally or bundled."""
+        if not self.repo:
+            return {}
+        return {"": Source(self.repo, self.revision, self.skip), **self.parts}
 
     def dtype(self, device: str) -> str:
         return self.dtypes.get(device, "float32")
@@ -58,7 +78,8 @@ class ModelSpec:
         if self.provider:
             return f"{self.provider.name} ({self.provider.base_url})"
         if self.repo:
-            return f"{self.repo}@{self.revision}"
+            return " + ".join([f"{self.repo}@{self.revision}",
+                               *(f"{p.repo}@{p.revision} in {sub}/" for sub, p in self.parts.items())])
         return "built locally (tiny profile)" if self.build else "bundled"
 
 

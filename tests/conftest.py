@@ -32,8 +32,9 @@ def free_port() -> int:
 
 
 def tiny_studio(log_dir: Path, *argv: str, env: dict | None = None) -> Studio:
-    """A tiny-profile Studio from command-line style arguments, logging into `log_dir`."""
-    args = ["--profile", "tiny", "--log-dir", str(log_dir), "--memory-budget", "2GiB", *argv]
+    """A tiny-profile Studio from command-line style arguments, logging into `log_dir` (video jobs beside it)."""
+    args = ["--profile", "tiny", "--log-dir", str(log_dir), "--video-dir", str(log_dir.parent / "videos"),
+            "--memory-budget", "2GiB", *argv]
     return create_studio(parse_settings(args, env=env or {}))
 
 

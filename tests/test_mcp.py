@@ -1,4 +1,4 @@
-"""MCP: `--mcp` exposes chat, image, speech and 3D generation as tools with typed, documented parameters."""
+"""MCP: `--mcp` exposes chat, image, speech, 3D and video generation as tools with typed, documented parameters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from studio.runtime import create_studio
 from studio.server import launch
 
 # tool name (the documented gr.api endpoint of each modality) -> its main, required text parameter
-TOOLS = {"generate_text": "message", "generate_image": "prompt", "generate_speech": "text", "generate_3d": "prompt"}
+TOOLS = {"generate_text": "message", "generate_image": "prompt", "generate_speech": "text", "generate_3d": "prompt",
+         "generate_video": "prompt"}
 
 
 @pytest.fixture(scope="module")

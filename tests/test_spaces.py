@@ -96,7 +96,7 @@ def test_front_matter_describes_the_space():
     assert meta["app_file"] == "app.py" and (ROOT / meta["app_file"]).is_file()
     assert isinstance(meta["python_version"], str) and re.fullmatch(r"3\.\d+", meta["python_version"])
     assert isinstance(meta["title"], str) and meta["title"] and len(meta.get("short_description", "")) <= 60
-    repos = [spec.repo for spec in DEFAULT_MODELS if spec.repo]
+    repos = list(dict.fromkeys(source.repo for spec in DEFAULT_MODELS for source in spec.sources().values()))
     assert meta["models"] == repos
     assert [entry.split()[0] for entry in meta["preload_from_hub"]] == repos
     assert meta["suggested_hardware"] in HARDWARE and meta["suggested_storage"] in ("small", "medium", "large")
@@ -232,8 +232,9 @@ def test_on_zero_gpu_each_generation_moves_its_model_to_the_gpu_for_the_call(fak
     from studio.backends.image import ImageRequest
     from studio.backends.shape import ShapeRequest
     from studio.backends.speech import SpeechRequest
+    from studio.backends.video import VideoRequest
     from studio.server import launch
-    from studio.ui import chat_tab, image_tab, shape_tab, speech_tab
+    from studio.ui import chat_tab, image_tab, shape_tab, speech_tab, video_tab
     import spaces as fake
 
     moves = []
@@ -255,7 +256,9 @@ def test_on_zero_gpu_each_generation_moves_its_model_to_the_gpu_for_the_call(fak
     assert on_gpu(speech_tab.runner(studio).run, SpeechRequest("Hello there.", "tiny-vits"), "zero", progress).pieces
     assert on_gpu(image_tab.runner(studio).run, ImageRequest(prompt="a fox", steps=1), "zero", progress).images
     assert on_gpu(shape_tab.runner(studio).run, ShapeRequest("a chair", steps=2, turntable=False), "zero").mesh
-    assert {name for name, _ in moves} >= {"TransformersChat", "DiffusersImage", "VitsSpeech", "ShapEModel"}
+    assert on_gpu(video_tab.runner(studio).run, VideoRequest(prompt="a fox", steps=1, frames=4), "zero").files
+    assert {name for name, _ in moves} >= {"TransformersChat", "DiffusersImage", "VitsSpeech", "ShapEModel",
+                                           "VideoModel"}
 
     demo, url = launch(studio, block=False)  # the client / MCP endpoints, called over HTTP
     try:
@@ -265,6 +268,7 @@ def test_on_zero_gpu_each_generation_moves_its_model_to_the_gpu_for_the_call(fak
         assert on_gpu(client.predict, "Hello there.", "tiny-vits", api_name="/generate_speech")
         assert on_gpu(client.predict, "a fox", api_name="/generate_image")
         assert on_gpu(client.predict, "a chair", None, 2, api_name="/generate_3d")
+        assert on_gpu(client.predict, "a fox", frames=4, steps=1, api_name="/generate_video")
     finally:
         demo.close()
 

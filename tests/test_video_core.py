@@ -5,6 +5,7 @@ them, Stop returns nothing quickly, GIF and WebP decode."""
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 
@@ -19,16 +20,11 @@ from studio.backends.lora import LoraError, LoraInfo, PipelineLoras
 from studio.backends.video import (check_shape, encode_gif, encode_mp4, encode_webp, load_animatediff, load_wan,
                                    render_frames, thumbnail)
 from studio.catalog import TINY_MODELS
-from studio.registry import ModelSpec
+from studio.contract import InputError
 from studio.tiny.image import random_lora
 from studio.weights import ensure_local, safetensors_bytes
 
-ANIMATEDIFF = ModelSpec(id="tiny-animatediff", modality="video", label="Tiny AnimateDiff",
-                        build="studio.tiny.video:build_animatediff", loader="studio.backends.video:load_animatediff",
-                        params=2_000_000, stands_for="guoyww/animatediff-motion-adapter-v1-5-3")
-WAN = ModelSpec(id="tiny-wan", modality="video", label="Tiny Wan 2.1", build="studio.tiny.video:build_wan",
-                loader="studio.backends.video:load_wan", params=500_000,
-                stands_for="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+ANIMATEDIFF, WAN = (next(s for s in TINY_MODELS if s.id == name) for name in ("tiny-animatediff", "tiny-wan"))
 # (spec, loader, frames, size): Wan's frame counts are 4k + 1.
 MODELS = {"animatediff": (ANIMATEDIFF, load_animatediff, 8, 64), "wan": (WAN, load_wan, 9, 64)}
 
@@ -155,7 +151,7 @@ def test_an_sd15_lora_changes_animatediff_frames_and_disabling_restores_them(tmp
     ("animatediff", 8, 60, 64, "width"), ("animatediff", 33, 64, 64, "frames"), ("wan", 8, 64, 64, "frames"),
     ("wan", 9, 64, 72, "height"), ("wan", 0, 64, 64, "frames")])
 def test_shapes_a_model_cannot_make_exactly_are_refused_naming_the_field(family, frames, width, height, field):
-    with pytest.raises(ValueError, match=f"^{field}: "):
+    with pytest.raises(InputError, match=f"^{field}: .* for this model$"):
         check_shape(family, frames, width, height)
     check_shape(family, 9, 64, 64)
 
@@ -198,3 +194,64 @@ def test_thumbnail_is_the_middle_frame_as_png():
         assert still.format == "PNG" and np.array_equal(np.asarray(still.convert("RGB")), np.asarray(frames[2]))
     with pytest.raises(ValueError, match="^frames: "):
         encode_mp4([], 8)
+
+
+def fake_hub_snapshot(cache, repo: str, files: dict) -> None:
+    """A repository as the Hugging Face cache holds it after a download: refs/main naming a snapshot folder."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, snapshot / name)
+        else:
+            shutil.copy(source, snapshot / name)
+
+
+def test_animatediff_from_two_hub_repositories_loads_from_one_folder_and_is_sized_before_loading(tmp_path,
+                                                                                                 monkeypatch):
+    """The default profile's AnimateDiff entry names SD 1.5 and the motion adapter's repository; the cache holds
+    them as two snapshots (here: fakes holding the tiny model's files). The loader gets one folder of links,
+    without what the entry skips (the safety checker, the fp16 twin); the size estimate from it is the loaded
+    size. SD 1.5 fetched that way lacks the image model's safety checker, so for the image model it is not
+    'cached' (the rest would be fetched)."""
+    import huggingface_hub.constants
+
+    from studio.catalog import DEFAULT_MODELS
+    from studio.weights import estimate_bytes, is_cached
+
+    tiny = ensure_local(ANIMATEDIFF)
+    spec, image = (next(s for s in DEFAULT_MODELS if s.id == name) for name in ("animatediff", "sd-1.5"))
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("STUDIO_TINY_DIR", str(tmp_path / "studio" / "tiny"))
+    index = json.loads((tiny / "model_index.json").read_text())
+    (tmp_path / "model_index.json").write_text(json.dumps(  # as on the Hub: SD 1.5 names its safety checker
+        {**index, "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]}))
+    (tmp_path / "v1-5-pruned.safetensors").write_bytes((tiny / "vae" / "diffusion_pytorch_model.safetensors")
+                                                       .read_bytes())  # a single-file checkpoint at the root
+    fake_hub_snapshot(hub, spec.repo, {"model_index.json": tmp_path / "model_index.json",
+                                       "v1-5-pruned.safetensors": tmp_path / "v1-5-pruned.safetensors",
+                                       **{name: tiny / name for name in ("unet", "vae", "text_encoder", "tokenizer",
+                                                                         "scheduler")}})
+    adapter = tiny / "motion_adapter"
+    fake_hub_snapshot(hub, spec.parts["motion_adapter"].repo, {
+        "config.json": adapter / "config.json", "diffusion_pytorch_model.safetensors":
+            adapter / "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors": adapter / "diffusion_pytorch_model.safetensors"})
+
+    assert is_cached(spec) and not is_cached(image)
+    folder = ensure_local(spec)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink())
+    assert "motion_adapter/diffusion_pytorch_model.safetensors" in files and "unet/config.json" in files
+    assert not [f for f in files if "fp16" in f or "safety_checker" in f]
+    assert ensure_local(spec) == folder  # built once
+    estimate = estimate_bytes(spec, "float32")  # the root checkpoint is not counted
+    model = load_animatediff(spec, folder, "cpu", "float32")
+    assert abs(devices.module_bytes(model) - estimate) / estimate < 0.01
+    assert len(render(model, 4, 64, steps=1)) == 4

@@ -4,7 +4,6 @@ OpenAI-compatible `POST /v1/images/generations`."""
 from __future__ import annotations
 
 import base64
-import re
 import time
 from typing import Literal
 
@@ -13,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from studio.api.errors import ERROR_RESPONSES
-from studio.api.openai import openai_router, renamed
+from studio.api.openai import dimensions, openai_router, renamed
 from studio.api.security import guard
 from studio.backends.image import (MAX_GUIDANCE, MAX_PROMPT_CHARS, MIN_SIZE, SIZE_STEP, ImageOptions, ImageRequest,
                                    ImageResult, generate_images, list_loras, png_bytes)
@@ -90,16 +89,6 @@ class ImagesResponse(BaseModel):
     seed: int
 
 
-def _size(size: str | None) -> tuple[int | None, int | None]:
-    """'512x768' -> (512, 768); None or 'auto' -> the model's default size."""
-    if size is None or size == "auto":
-        return None, None
-    match = re.fullmatch(r"(\d+)x(\d+)", size)
-    if not match:
-        raise InputError("size", f"expected WIDTHxHEIGHT such as 512x512, got {size!r}")
-    return int(match.group(1)), int(match.group(2))
-
-
 def _size_error(studio: Studio, body: ImageGenerationRequest) -> InputError:
     """A width or height the model does not take, said of `size`, the field the request used."""
     spec = studio.model(body.model, "image")
@@ -144,7 +133,7 @@ def router(studio: Studio) -> APIRouter:
     @v1.post("/images/generations")
     def image_generations(body: ImageGenerationRequest) -> ImagesResponse:
         """Text to image; `b64_json` PNGs. Extensions: negative_prompt, steps, guidance_scale, seed, adapters."""
-        width, height = _size(body.size)
+        width, height = dimensions(body.size)
         req = ImageRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
                            steps=body.steps, guidance=body.guidance_scale, width=width, height=height, seed=body.seed,
                            n=body.n, adapters=body.adapters)

@@ -8,6 +8,7 @@ failure under /v1 is answered in OpenAI's shape {"error": {"message", "type", "p
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Callable, Iterator, Literal, Mapping
@@ -103,6 +104,16 @@ def only(body: BaseModel, **neutral: Any) -> None:
     for name, value in neutral.items():
         if getattr(body, name) != value:
             raise InputError(name, f"only {value} is supported by this server")
+
+
+def dimensions(size: str | None) -> tuple[int | None, int | None]:
+    """OpenAI's `size`: '512x768' -> (512, 768); None or 'auto' -> (None, None), the model's default size."""
+    if size is None or size == "auto":
+        return None, None
+    match = re.fullmatch(r"(\d+)x(\d+)", size)
+    if not match:
+        raise InputError("size", f"expected WIDTHxHEIGHT such as 512x512, got {size!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def openai_router(studio: Studio) -> APIRouter:

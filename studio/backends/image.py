@@ -22,7 +22,7 @@ import openai
 import torch
 from PIL import Image
 
-from studio.backends.lora import MAX_WEIGHT, LoraInfo, PipelineLoras, find, library, parse_prompt
+from studio.backends.lora import LoraInfo, PipelineLoras, chosen, library, parse_prompt
 from studio.backends.remote import ProviderClient, ProviderError, calling, connect_client
 from studio.contract import SEED_RANGE, ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
@@ -145,11 +145,7 @@ def validate(studio: Studio, req: ImageRequest) -> ImagePlan:
         sizes[name] = size
     check_range("n", req.n, 1, opts.max_images, spec.id, whole=True)
     check_seed(req.seed)
-    adapters: dict[LoraInfo, float] = {}
-    for name, weight in {**req.adapters, **tagged}.items():  # a <lora:> tag in the prompt wins over the field
-        require(isinstance(weight, (int, float)) and -MAX_WEIGHT <= weight <= MAX_WEIGHT, "adapters",
-                f"the weight of {name!r} must be from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
-        adapters[find(studio.settings, name)] = float(weight)
+    adapters = chosen(studio.settings, req.adapters, tagged)
     return ImagePlan(model=spec.id, prompt=prompt, negative_prompt=negative, steps=steps,
                      guidance=None if guidance is None else float(guidance), width=sizes["width"],
                      height=sizes["height"], n=req.n, seed=req.seed, adapters=adapters)

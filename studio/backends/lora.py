@@ -124,6 +124,17 @@ def find(settings: Settings, name: str) -> LoraInfo:
     return info
 
 
+def chosen(settings: Settings, requested: dict[str, float], tagged: dict[str, float]) -> dict[LoraInfo, float]:
+    """The adapters a request picks (a `<lora:>` tag in the prompt wins over the request's field), each found on
+    disk and its weight checked."""
+    adapters: dict[LoraInfo, float] = {}
+    for name, weight in {**requested, **tagged}.items():
+        if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and abs(weight) <= MAX_WEIGHT):
+            raise LoraError("adapters", f"the weight of {name!r} must be from -{MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+        adapters[find(settings, name)] = float(weight)
+    return adapters
+
+
 def parse_prompt(prompt: str) -> tuple[str, dict[str, float]]:
     """Take AUTOMATIC1111-style `<lora:name:weight>` tags (weight 1 when left out) out of the prompt."""
     adapters: dict[str, float] = {}

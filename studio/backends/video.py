@@ -1,9 +1,11 @@
-"""Text-to-video, the low-level pieces: loading AnimateDiff and Wan 2.1, rendering frames, encoding them.
+"""Text to video: AnimateDiff (Stable Diffusion 1.5 with motion modules, so SD 1.5 LoRA adapters work) and Wan 2.1
+(a diffusion transformer); one service behind the Video tab, `POST /generate/video`, the `/v1/videos` jobs and the
+Gradio client / MCP tool.
 
 Reproducibility as in the image backend: the noise comes from a CPU generator seeded with the request's seed,
-so the same settings give the same frames on any device. Stop raises out of `callback_on_step_end` after the
-running step: unlike an interrupted image, a half-denoised clip is not worth its VAE decode (seconds for a real
-model), so a stopped render returns nothing at all.
+so the same settings give the same frames on any device, and the same frames give the same MP4 bytes. Stop raises
+out of `callback_on_step_end` after the running step: unlike an interrupted image, a half-denoised clip is not
+worth its VAE decode (seconds for a real model), so a stopped generation returns no video at all.
 """
 
 from __future__ import annotations
@@ -14,15 +16,24 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from studio.backends.lora import PipelineLoras
+from studio.backends.image import MAX_GUIDANCE, MAX_PROMPT_CHARS
+from studio.backends.lora import LoraInfo, PipelineLoras, chosen, parse_prompt
+from studio.contract import ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
+from studio.runtime import Call, Studio
+
+MIN_SIZE = 64
+MAX_FPS = 60.0
+STEP_SHARE = 0.95  # of the progress bar: denoising; the rest is decoding and encoding
+# AnimateDiff, 512x512, half precision, one denoising step of one frame on a ZeroGPU slice (both guidance passes).
+SECONDS_PER_FRAME_STEP = 0.06
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,161 @@ class Shape:
 # Wan 2.1: VAE 8x times the transformer's 2x2 patches; the VAE packs 4 frames per latent after the first.
 SHAPES = {"animatediff": Shape(size_multiple=8, frames_step=1, max_frames=32),
           "wan": Shape(size_multiple=16, frames_step=4)}
+
+
+@dataclass(frozen=True)
+class VideoOptions(ModelOptions):
+    """A video model's defaults and caps (AnimateDiff's here; a catalog entry overrides them)."""
+
+    family: str | None = "animatediff"  # a key of SHAPES: the architecture's size and frame-count rules
+    frames: int | None = 16
+    max_frames: int | None = 32
+    fps: float | None = 8.0  # playback rate: the frames are the same at any rate, only the clip's length changes
+    width: int | None = 512
+    height: int | None = 512
+    max_size: int | None = 768  # the largest width or height
+    steps: int | None = 25
+    max_steps: int | None = 100
+    guidance: float | None = 7.5
+    negative_prompt: bool | None = True
+    loras: bool | None = True  # takes Stable Diffusion 1.5 LoRA adapters (AnimateDiff; Wan does not)
+
+
+@dataclass(kw_only=True)
+class VideoRequest:
+    """Fields left as None take the model's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None  # None: the first video model
+    frames: int | None = None
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None  # None: a random seed, reported in the result
+    adapters: dict[str, float] = field(default_factory=dict)
+    formats: tuple[str, ...] = ("mp4",)  # the files to encode, from FORMATS
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoPlan:
+    """A validated request: defaults filled in, `<lora:>` tags taken out of the prompt, adapters found on disk."""
+
+    model: str
+    family: str
+    prompt: str
+    negative_prompt: str
+    frames: int
+    fps: float
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int | None
+    adapters: dict[LoraInfo, float]
+    formats: tuple[str, ...]
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps
+
+    def settings(self) -> dict:
+        """What made the clip, as shown with it and restored by "Use these settings"."""
+        skip = ("family", "adapters", "formats")
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        return {**values, "adapters": {info.name: w for info, w in self.adapters.items()}}
+
+
+@dataclass
+class VideoResult:
+    files: dict[str, bytes]  # format -> the encoded clip; empty when stopped
+    thumbnail: bytes | None  # the middle frame as PNG; None when stopped
+    seed: int
+    settings: dict  # VideoPlan.settings(), with the seed used
+    stopped: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate(studio: Studio, req: VideoRequest) -> VideoPlan:
+    """Check the request against the model's caps and resolve defaults and adapters; raises InputError."""
+    spec = studio.model(req.model, "video")
+    opts = VideoOptions.of(spec)
+    check_text("prompt", req.prompt, max_chars=MAX_PROMPT_CHARS)
+    prompt, tagged = parse_prompt(req.prompt)
+    require(bool(prompt), "prompt", "must not be empty (besides its <lora:> tags)")
+    negative = check_text("negative_prompt", req.negative_prompt or "", max_chars=MAX_PROMPT_CHARS,
+                          required=False).strip()
+    require(not negative or opts.negative_prompt, "negative_prompt",
+            f"{spec.id} does not use a negative prompt; leave it empty")
+    frames = opts.frames if req.frames is None else req.frames
+    check_range("frames", frames, 1, opts.max_frames, spec.id, whole=True)
+    fps = opts.fps if req.fps is None else req.fps
+    check_range("fps", fps, 1, MAX_FPS)
+    width = opts.width if req.width is None else req.width
+    height = opts.height if req.height is None else req.height
+    for name, size in (("width", width), ("height", height)):
+        check_range(name, size, MIN_SIZE, opts.max_size, spec.id, whole=True)
+    check_shape(opts.family, frames, width, height, spec.id)
+    steps = opts.steps if req.steps is None else req.steps
+    check_range("steps", steps, 1, opts.max_steps, spec.id, whole=True)
+    guidance = opts.guidance if req.guidance is None else req.guidance
+    check_range("guidance", guidance, 0, MAX_GUIDANCE)
+    check_seed(req.seed)
+    require(not (req.adapters or tagged) or opts.loras, "adapters",
+            f"{spec.id} takes no LoRA adapters (they are made for Stable Diffusion 1.5: use an AnimateDiff model)")
+    require(bool(req.formats) and set(req.formats) <= set(FORMATS), "formats",
+            f"must be some of {', '.join(FORMATS)}")
+    return VideoPlan(model=spec.id, family=opts.family, prompt=prompt, negative_prompt=negative, frames=frames,
+                     fps=float(fps), width=width, height=height, steps=steps, guidance=float(guidance),
+                     seed=req.seed, adapters=chosen(studio.settings, req.adapters, tagged),
+                     formats=tuple(dict.fromkeys(req.formats)))
+
+
+def gpu_seconds(req: VideoRequest) -> float:
+    frames, steps = req.frames or VideoOptions.frames, req.steps or VideoOptions.steps
+    scale = (req.width or 512) * (req.height or 512) / (512 * 512)
+    return (frames * steps * SECONDS_PER_FRAME_STEP + 0.1 * frames) * scale
+
+
+# ---------------------------------------------------------------------------------------------- the service
+
+
+def generate_video(studio: Studio, req: VideoRequest, call: Call) -> VideoResult:
+    """Render the clip and encode it in the asked formats; when the call is stopped, end after the running
+    denoising step and return no video."""
+    plan = validate(studio, req)
+    plan = replace(plan, seed=pick_seed(plan.seed))
+    spec = studio.registry.get(plan.model)
+    with studio.generation(spec, call) as (lease, rec):
+        rec.set(prompt=plan.prompt, seed=plan.seed, steps=plan.steps, adapters=plan.settings()["adapters"],
+                fps=plan.fps)
+
+        def on_step(done: int, total: int) -> None:
+            rec.first_output()
+            call.report(STEP_SHARE * done / total, f"step {done}/{total}")
+
+        model: VideoModel = lease.model
+        with model.lock:
+            model.loras.activate(model.pipe, spec.id, plan.adapters, lambda n: studio.cache.grow(spec.id, n))
+            clip = render_frames(model, prompt=plan.prompt, negative_prompt=plan.negative_prompt,
+                                 frames=plan.frames, width=plan.width, height=plan.height, steps=plan.steps,
+                                 guidance=plan.guidance, seed=plan.seed, cancel=call.cancel, on_step=on_step)
+        if clip is None:
+            rec.set(stopped=True)
+            return VideoResult({}, None, plan.seed, plan.settings(), stopped=True)
+        files = {}
+        for index, fmt in enumerate(plan.formats):
+            call.report(STEP_SHARE + (1 - STEP_SHARE) * index / len(plan.formats), f"encoding {fmt.upper()}")
+            files[fmt] = FORMATS[fmt].encode(clip, plan.fps)
+        rec.set(frames=len(clip), video_seconds=plan.seconds)
+    return VideoResult(files, thumbnail(clip), plan.seed, plan.settings())
+
+
+# ---------------------------------------------------------------------------------------------- local models
 
 
 @dataclass(eq=False)
@@ -78,18 +244,24 @@ def load_wan(spec: ModelSpec, path: Path, device: str, dtype: str) -> VideoModel
     return VideoModel(pipe, "wan")
 
 
-def check_shape(family: str, frames: int, width: int, height: int) -> None:
-    """Raise ValueError("field: message") for a clip shape the family cannot make exactly (diffusers would
-    round Wan's sizes and frame counts silently)."""
+def check_shape(family: str, frames: int, width: int, height: int, model: str = "this model") -> None:
+    """Raise InputError naming the field for a clip shape the family cannot make exactly (diffusers would round
+    Wan's sizes and frame counts silently)."""
     shape = SHAPES[family]
     for name, size in (("width", width), ("height", height)):
-        if not (isinstance(size, int) and size > 0 and size % shape.size_multiple == 0):
-            raise ValueError(f"{name}: must be a positive multiple of {shape.size_multiple}")
-    if not (isinstance(frames, int) and frames >= 1 and (frames - 1) % shape.frames_step == 0):
-        rule = f"{shape.frames_step}k + 1 (1, {shape.frames_step + 1}, {2 * shape.frames_step + 1}, ...)"
-        raise ValueError(f"frames: must be {rule if shape.frames_step > 1 else 'at least 1'}")
-    if shape.max_frames is not None and frames > shape.max_frames:
-        raise ValueError(f"frames: at most {shape.max_frames} for this model")
+        require(isinstance(size, int) and size > 0 and size % shape.size_multiple == 0, name,
+                f"must be a multiple of {shape.size_multiple} for {model}")
+    rule = f"{shape.frames_step}k + 1 (1, {shape.frames_step + 1}, {2 * shape.frames_step + 1}, ...)"
+    require(isinstance(frames, int) and frames >= 1 and (frames - 1) % shape.frames_step == 0, "frames",
+            f"must be {rule if shape.frames_step > 1 else 'at least 1'} for {model}")
+    require(shape.max_frames is None or frames <= shape.max_frames, "frames",
+            f"must be at most {shape.max_frames} for {model}")
+
+
+def frames_for(seconds: float, fps: float, family: str) -> int:
+    """The frame count nearest to `seconds` at `fps` that the family can make (Wan: 4k + 1)."""
+    step = SHAPES[family].frames_step
+    return step * round((max(1, round(seconds * fps)) - 1) / step) + 1
 
 
 class _Stopped(Exception):
@@ -193,3 +365,13 @@ def thumbnail(frames: list) -> bytes:
     buffer = io.BytesIO()
     _rgb(frames)[len(frames) // 2].save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class Format:
+    media_type: str
+    encode: Callable[[list, float], bytes]
+
+
+FORMATS = {"mp4": Format("video/mp4", encode_mp4), "gif": Format("image/gif", encode_gif),
+           "webp": Format("image/webp", encode_webp)}

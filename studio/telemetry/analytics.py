@@ -162,8 +162,14 @@ def totals(df: pd.DataFrame, events: pd.DataFrame) -> dict[str, float | int | No
     for modality in modalities.registered():
         rows = ok & (df["modality"] == modality.name)
         for total in modality.totals:
-            value = rows.sum() if total.column is None else df.loc[rows, total.column].sum()
-            result[total.label] = float(value) if total.column else int(value)
+            if total.column is None:
+                result[total.label] = int(rows.sum())
+                continue
+            value = float(df.loc[rows, total.column].sum())
+            if total.per is not None:
+                per = float(df.loc[rows & df[total.column].notna(), total.per].sum())
+                value = value / per if per else None
+            result[total.label] = value
     return result
 
 

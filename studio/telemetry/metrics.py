@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from studio import modalities
 from studio.cache import CacheEvent, ModelCache
 from studio.telemetry.requestlog import RequestLog
 
@@ -58,6 +59,9 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("gen_ai_server_generation_tokens", "Tokens generated.", ["model"],
                                          registry=r)
+        self.outputs = Counter("studio_outputs", "What successful generations made, per modality: the request-log "
+                               "columns its analytics totals (images, audio_seconds, video_seconds, frames, ...).",
+                               ["modality", "output"], registry=r)
         self.cache_hits = Counter("studio_model_cache_hits", "Requests that found their model resident.",
                                   ["model"], registry=r)
         self.loads = Counter("studio_model_loads", "Model loads by outcome (ok, failed).", ["model", "outcome"],
@@ -86,6 +90,10 @@ class Metrics:
             self.first_output.labels(model, modality).observe(first / 1000)
         if row["queue_ms"] is not None:
             self.queue.labels(model, modality).observe(row["queue_ms"] / 1000)
+        if row["status"] == "ok" and modality in modalities.names():
+            for total in modalities.get(modality).totals:
+                if total.column and total.per is None and row.get(total.column):
+                    self.outputs.labels(modality, total.column).inc(row[total.column])
         if row["prompt_tokens"]:
             self.prompt_tokens.labels(model).inc(row["prompt_tokens"])
         completion = row["completion_tokens"]

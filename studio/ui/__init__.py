@@ -12,7 +12,8 @@ from studio.ui import analytics_tab, models_tab
 
 def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="GenAI Studio", analytics_enabled=studio.settings.analytics) as demo:
-        gr.Markdown("# GenAI Studio\nChat, speech, images with LoRA adapters and 3D, from models on this machine.")
+        gr.Markdown("# GenAI Studio\nChat, speech, images and video with LoRA adapters, and 3D, from models on this "
+                    "machine.")
         if studio.notice:
             gr.Markdown(f"> **Offline mode.** {studio.notice}", elem_id="profile-notice")
         tabs: dict[str, list[modalities.Modality]] = {}

@@ -13,12 +13,11 @@ import gradio as gr
 from gradio.data_classes import FileData
 
 from studio.backends.image import (MAX_GUIDANCE, MIN_SIZE, SIZE_STEP, ImageOptions, ImageRequest, ImageResult,
-                                   generate_images, list_loras, png_bytes)
-from studio.backends.lora import MAX_WEIGHT
+                                   generate_images, png_bytes)
 from studio.runtime import Studio
 from studio.ui.controls import Runner, parse_seed, seed_box
+from studio.ui.loras import LoraPicker
 
-SLOTS = 6  # adapters at once in the UI, each with a weight slider
 HISTORY = 48  # images kept per session in the gallery
 
 
@@ -41,23 +40,6 @@ def runner(studio: Studio) -> Runner[ImageRequest, ImageResult]:
     return Runner(studio, "image", generate_images)
 
 
-def _usable(studio: Studio, refresh: bool = False) -> tuple[list[str], str]:
-    """Names of the usable adapters, and a note listing the files that cannot be used and why."""
-    infos = list_loras(studio, refresh)
-    broken = [f"- `{i.file}` {i.error}" for i in infos if i.error]
-    note = "**Adapters that cannot be used:**\n" + "\n".join(broken) if broken else ""
-    if not infos:
-        note = ("No adapters found: drop `.safetensors` LoRA files into `lora_adapters/` (or `--lora-dir`) and "
-                "press Refresh.")
-    return [i.name for i in infos if not i.error], note
-
-
-def _sliders(names: list[str], weights: dict[str, float]) -> list[dict]:
-    """One visible weight slider per picked adapter, labelled with its name; the rest hidden."""
-    return [gr.update(visible=True, label=names[i], value=weights.get(names[i], 1.0)) if i < len(names)
-            else gr.update(visible=False) for i in range(SLOTS)]
-
-
 def _save_png(image, settings: dict) -> str:
     """A PNG file with its settings inside (the "parameters" text chunk), for the gallery and downloads."""
     with tempfile.NamedTemporaryFile(prefix="image-", suffix=".png", delete=False) as fh:
@@ -76,7 +58,6 @@ def build(studio: Studio) -> None:
         gr.Markdown("This profile has no image model.")
         return
     first = models[0]
-    names, note = _usable(studio)
     images = runner(studio)
     steps_u, guidance_u, width_u, height_u, n_u, negative_u = _model_controls(studio, first)
     with gr.Row():
@@ -95,14 +76,7 @@ def build(studio: Studio) -> None:
             with gr.Row():
                 seed = seed_box("Empty: random. The seed used is shown below the gallery.")
                 n = gr.Slider(1, n_u["maximum"], value=1, step=1, label="Number of images")
-            with gr.Accordion("LoRA adapters", open=True):
-                with gr.Row():
-                    picked = gr.Dropdown(names, value=[], multiselect=True, max_choices=SLOTS, scale=4,
-                                         label="Adapters", info=f"Up to {SLOTS}; switching never reloads the model.")
-                    refresh = gr.Button("Refresh", scale=1)
-                weights = [gr.Slider(-MAX_WEIGHT, MAX_WEIGHT, value=1.0, step=0.05, visible=False)
-                           for _ in range(SLOTS)]
-                lora_note = gr.Markdown(note)
+            loras = LoraPicker(studio)
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
@@ -113,27 +87,15 @@ def build(studio: Studio) -> None:
             details = gr.JSON(label="Settings of the selected image", open=True)
             reuse = gr.Button("Use these settings")
     history = gr.State([])  # [(png path, settings)], newest request first
-    shown = gr.State([])  # adapter names the sliders show, in slot order
 
     def on_model(model_id: str):
         return _model_controls(studio, model_id)
 
-    def on_pick(new: list[str], old: list[str], *values: float):
-        kept = dict(zip(old, values, strict=False))
-        return [new, *_sliders(new, kept)]
-
-    def on_refresh(current: list[str]):
-        usable, text = _usable(studio, refresh=True)
-        keep = [name for name in current if name in usable]
-        return gr.update(choices=usable, value=keep), text
-
     def run(form: dict, request: gr.Request, progress=gr.Progress()):
-        values = [form[slider] for slider in weights]
-        adapters = {name: float(w) for name, w in zip(form[shown], values, strict=False)}  # SLOTS sliders
         req = ImageRequest(prompt=form[prompt] or "", negative_prompt=form[negative] or "", model=form[model],
                            steps=int(form[steps]), guidance=float(form[guidance]), width=int(form[width]),
                            height=int(form[height]), seed=parse_seed(form[seed]),
-                           n=int(form[n]), adapters=adapters)
+                           n=int(form[n]), adapters=loras.adapters(form))
         result: ImageResult = images.run(req, request.session_hash or "", progress)
         new = []
         for index, image in enumerate(result.images):
@@ -151,31 +113,26 @@ def build(studio: Studio) -> None:
     def on_reuse(settings: dict | None):
         if not settings:
             raise gr.Error("Pick an image in the gallery first.")
-        usable = _usable(studio)[0]
-        chosen = [name for name in settings["adapters"] if name in usable][:SLOTS]
-        if len(chosen) < len(settings["adapters"]):
-            gr.Warning("Some adapters of these settings are no longer available; press Refresh.")
         steps, guidance, width, height, n, negative = _model_controls(studio, settings["model"])
         return [gr.update(value=settings["model"]), settings["prompt"],
                 {**negative, "value": settings["negative_prompt"]}, {**steps, "value": settings["steps"]},
                 settings["guidance"], {**width, "value": settings["width"]}, {**height, "value": settings["height"]},
-                str(settings["seed"]), n, gr.update(value=chosen), chosen, *_sliders(chosen, settings["adapters"])]
+                str(settings["seed"]), n, *loras.restore(settings["adapters"])]
 
     def stop_generating(request: gr.Request) -> None:
         if not images.stop(request.session_hash or ""):
             gr.Info("Nothing is being generated.")
 
     model.input(on_model, model, [steps, guidance, width, height, n, negative], api_visibility="private")
-    picked.input(on_pick, [picked, shown, *weights], [shown, *weights], api_visibility="private")
-    refresh.click(on_refresh, picked, [picked, lora_note], api_visibility="private")
+    loras.wire()
     # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
     gr.on([go.click, prompt.submit], run,  # a set of inputs: `run` gets one dict, component -> value
-          {model, prompt, negative, steps, guidance, width, height, seed, n, shown, history, *weights},
+          {model, prompt, negative, steps, guidance, width, height, seed, n, history, *loras.inputs},
           [gallery, used, history, details], api_visibility="private", concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
     gallery.select(on_select, history, details, api_visibility="private")
-    reuse.click(on_reuse, details, [model, prompt, negative, steps, guidance, width, height, seed, n, picked, shown,
-                                    *weights], api_visibility="private")
+    reuse.click(on_reuse, details, [model, prompt, negative, steps, guidance, width, height, seed, n, *loras.outputs],
+                api_visibility="private")
 
     def generate_image(prompt: str, negative_prompt: str = "", model: str = first, steps: int | None = None,
                        guidance: float | None = None, width: int | None = None, height: int | None = None,

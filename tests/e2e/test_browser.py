@@ -1,7 +1,7 @@
 """The studio in a real browser (Debian's Chromium through Playwright), on the tiny profile: a streamed chat reply,
-an image with a LoRA adapter at a chosen weight, speech in the audio player, a 3D shape in the viewer, Analytics
-counting those requests, Stop ending a generation early, the login page when auth is on, and no request to any
-host other than the studio's own.
+an image with a LoRA adapter at a chosen weight, speech in the audio player, a 3D shape in the viewer, a video
+clip playing in the Video tab, Analytics counting those requests, Stop ending a generation early, the login page
+when auth is on, and no request to any host other than the studio's own.
 
 The tests share one server and check what it logged; Analytics runs after the generations so that its figures
 show every modality."""
@@ -45,6 +45,13 @@ PLOTTED = """(total) => {
 }"""
 DURATION = """(audio) => audio.readyState >= 1 ? audio.duration
     : new Promise(done => audio.addEventListener("loadedmetadata", () => done(audio.duration), {once: true}))"""
+# Play (muted, as browsers allow without a click) until the playhead moves; returns where it is.
+PLAYED = """async (video) => {
+    video.muted = true;
+    await video.play();
+    while (video.currentTime === 0) await new Promise(done => setTimeout(done, 50));
+    return video.currentTime;
+}"""
 REPLY = '#chat-history [data-testid="bot"]'
 PROGRESS = ".progress-level-inner"  # the progress bar's text, e.g. "image 1/1 · step 3/50"
 
@@ -172,6 +179,24 @@ def test_3d_shape_shows_the_preview_canvas(server, page):
     assert (row["status"], row["steps"]) == ("ok", 2) and row["faces"] > 0
 
 
+def test_video_plays_in_the_tab(server, page):
+    panel = open_studio(page, server.url, "Video")
+    panel.get_by_role("textbox", name=PROMPT).fill("a fox running through the snow")
+    fill(panel.get_by_role("textbox", name="Seed"), 3)
+    set_slider(panel, "Steps", 2)
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    expect(panel.get_by_text("Seed used: 3")).to_be_visible()
+    video = panel.locator("video")
+    expect(video).to_have_count(1)
+    seconds = video.evaluate(DURATION)  # the player's H.264 MP4: Chromium demuxed and decoded it
+    row = last_row(server, "video")
+    assert (row["client"], row["status"], row["seed"], row["frames"]) == ("ui", "ok", 3, 8)
+    assert 0 < seconds == pytest.approx(row["video_seconds"], abs=0.15)
+    played = video.evaluate(PLAYED)
+    assert played > 0, "the clip does not play"
+    expect(panel.get_by_role("img", name=re.compile("^seed 3 · 8 frames at 8 fps"))).to_be_visible()  # the list
+
+
 def test_stop_ends_a_generation_early(server, page, monkeypatch):
     """Stop reaches the running generation whatever the load. Each step is made to last a quarter second (a real
     model's pace), so the 50 steps outlast the click however slow the browser is: with the tiny model's own
@@ -234,7 +259,7 @@ def test_login_when_auth_is_on(auth_server, page):
     expect(page.get_by_text("Incorrect Credentials")).to_be_visible()
     expect(page.get_by_role("tab")).to_have_count(0)
     log_in(page, *LOGIN)
-    for tab in ("Chat", "Speech", "Image", "3D", "Analytics", "Models"):
+    for tab in ("Chat", "Speech", "Image", "3D", "Video", "Analytics", "Models"):
         expect(page.get_by_role("tab", name=tab, exact=True)).to_be_visible()
     send_chat(page.get_by_role("tabpanel"), "logged in")  # the queue works with the login cookie
     assert last_row(auth_server, "chat")["status"] == "ok"
@@ -243,7 +268,7 @@ def test_login_when_auth_is_on(auth_server, page):
 def test_the_page_contacts_only_the_studio(server, auth_server, page, requested_urls):
     """Checked over every request of every page in this module (generations, players, viewer, plots, login)."""
     open_studio(page, server.url, "Chat")
-    for tab in ("Speech", "Image", "3D", "Analytics", "Models"):
+    for tab in ("Speech", "Image", "3D", "Video", "Analytics", "Models"):
         open_tab(page, tab)
     own = {urlsplit(server.url).netloc, urlsplit(auth_server.url).netloc}
     elsewhere = {url for url in requested_urls if urlsplit(url).scheme not in LOCAL_SCHEMES
