@@ -19,7 +19,8 @@ from PIL import Image
 from conftest import call, collect_rows, routes, tiny_studio
 from studio.backends.video import VideoRequest, frames_for, generate_video
 from studio.backends.video_jobs import VideoJobs
-from studio.telemetry.analytics import LogReader, report
+from studio.telemetry.analytics import report
+from studio.telemetry.logreader import LogReader
 from studio.tiny.image import random_lora
 from studio.weights import ensure_local
 

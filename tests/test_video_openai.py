@@ -19,7 +19,7 @@ from conftest import free_port
 from studio.config import parse_settings
 from studio.runtime import create_studio
 from studio.server import launch
-from studio.telemetry.analytics import LogReader
+from studio.telemetry.logreader import LogReader
 
 KEY = "video-key"
 
