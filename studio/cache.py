@@ -27,6 +27,7 @@ model as soon as its last user is done, `preload` loads models at start-up (see 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -144,6 +145,14 @@ class CacheSnapshot:
     evictions: int
     load_seconds: float
     models: list[ModelStatus] = field(default_factory=list)
+
+
+_PATH = re.compile(r"(?<![\w.:/])/(?:[^/\s'\"():]+/)+([^/\s'\"():]+)")
+
+
+def without_paths(message: str) -> str:
+    """An error message without this machine's paths: an absolute path becomes the file's own name."""
+    return _PATH.sub(r"\1", message)
 
 
 def load_from_registry(spec: ModelSpec, device: str) -> Any:
@@ -297,20 +306,21 @@ class ModelCache:
         deadline = start + self.load_timeout
         waited_on_another = False
         with self._cond:
+            entry = self._entries.get(spec.id)
+            if entry is not None and entry.state is State.RESIDENT:
+                return self._pin(entry), True, time.monotonic() - start, 0.0
+        need = self._sized(spec)  # a miss: size it before taking the lock (it reads the weights' headers)
+        with self._cond:
             while True:
                 entry = self._entries.get(spec.id)
                 if entry is not None and entry.state is State.RESIDENT:
-                    entry.pins += 1
-                    self._counts["hits"] += 1
-                    self._emit("hit", spec.id)
-                    return entry, not waited_on_another, time.monotonic() - start, 0.0
+                    return self._pin(entry), not waited_on_another, time.monotonic() - start, 0.0
                 if entry is not None:  # LOADING or EVICTING: wait for it to settle
                     waited_on_another = True
                     self._cond.wait(timeout=1.0)
                     if entry.state is State.FAILED:
                         raise ModelLoadError(str(entry.error)) from entry.error
                     continue
-                need = self._estimate(spec, self.device)
                 if need > self.budget:
                     raise ModelTooLarge(
                         f"{spec.id} needs about {format_size(need)} at {spec.dtype(self.device)}, more than the "
@@ -335,6 +345,22 @@ class ModelCache:
         self._evict(victims)
         self._load(entry)
         return entry, False, waited, entry.load_seconds
+
+    def _pin(self, entry: Entry) -> Entry:
+        entry.pins += 1
+        self._counts["hits"] += 1
+        self._emit("hit", entry.spec.id)
+        return entry
+
+    def _sized(self, spec: ModelSpec) -> int:
+        """The model's estimated size; weights that cannot even be sized (a damaged file) are a failed load."""
+        try:
+            return self._estimate(spec, self.device)
+        except Exception as exc:
+            with self._cond:
+                self._counts["load_failures"] += 1
+            self._emit("load_failed", spec.id, error=type(exc).__name__)
+            raise ModelLoadError(f"could not load {spec.id}: {without_paths(str(exc))}") from exc
 
     def _victims(self, need: int) -> list[Entry] | None:
         """Least recently used idle models whose eviction makes room for `need` bytes; None if impossible."""
@@ -391,7 +417,7 @@ class ModelCache:
             self._emit("load_failed", spec.id, error=type(exc).__name__)
             if isinstance(exc, CacheError):
                 raise
-            raise ModelLoadError(f"could not load {spec.id} from {spec.source}: {exc}") from exc
+            raise ModelLoadError(f"could not load {spec.id} from {spec.source}: {without_paths(str(exc))}") from exc
         bind = getattr(model, "bind_workspace", None)
         if bind is not None:
             bind(Workspace(lambda nbytes: self._reserve(entry, nbytes), lambda nbytes: self._unreserve(entry, nbytes),

@@ -26,6 +26,10 @@ IGNORE = ["*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.tflite", "*
 BUILD_MARK = ".complete"
 
 
+class DamagedWeights(ValueError):
+    """A weights file of a model cannot be read."""
+
+
 class WeightsUnavailable(RuntimeError):
     """The model's files are not on disk and cannot be fetched."""
 
@@ -173,9 +177,7 @@ def safetensors_bytes(folder: Path, dtype: str) -> int:
              and not (pipeline and f.parent == folder)]
     total = 0
     for file in files:
-        with open(file, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, info in header.items():
+        for name, info in _header(file, folder).items():
             if name == "__metadata__":
                 continue
             numel = 1
@@ -184,6 +186,24 @@ def safetensors_bytes(folder: Path, dtype: str) -> int:
             is_float = info["dtype"] in ("F64", "F32", "F16", "BF16")
             total += numel * (DTYPE_BYTES[dtype] if is_float else _stored_size(info["dtype"]))
     return total
+
+
+def _header(file: Path, folder: Path) -> dict:
+    """A safetensors file's JSON header (8 bytes of length, then the JSON); a damaged file is named in the error
+    by its place inside the model, not by this machine's path."""
+    try:
+        with open(file, "rb") as fh:
+            length = struct.unpack("<Q", fh.read(8))[0]
+            if length > min(file.stat().st_size, 2**30):
+                raise ValueError("the header is longer than the file")
+            header = json.loads(fh.read(length))
+        if not isinstance(header, dict) or not all(isinstance(v, dict) and "shape" in v and "dtype" in v
+                                                   for k, v in header.items() if k != "__metadata__"):
+            raise ValueError("the header does not describe tensors")
+        return header
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise DamagedWeights(f"{file.relative_to(folder)} is not a readable safetensors file (damaged or "
+                             f"incomplete: {exc})") from None
 
 
 def _stored_size(code: str) -> int:

@@ -61,3 +61,86 @@ def test_adapter_loads_and_model_loads_never_interleave(tmp_path):
             assert not lease.hit
     finally:
         torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- no 500 from input
+
+SURROGATE = "\\ud800"  # as JSON writes it: a lone UTF-16 surrogate, which no UTF-8 text can hold
+
+
+def _raw(text: str) -> dict:
+    return {"content": text.encode(), "headers": {"Content-Type": "application/json"}}
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/generate/text", '{"prompt": "hi %s"}', 422, "prompt"),
+    ("/generate/text", '{"messages": [{"role": "user", "content": "hi %s"}]}', 422, "messages[0].content"),
+    ("/generate/text", '{"prompt": "hi", "system": "%s"}', 422, "system"),
+    ("/generate/text", '{"prompt": "hi", "stream": true, "system": "%s"}', 422, "system"),
+    ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [{"role": "user", "content": "%s"}]}', 400,
+     "messages[0].content"),
+    ("/generate/speech", '{"text": "Hi %s."}', 422, "text"),
+    ("/v1/audio/speech", '{"model": "piper-joe", "input": "Hi %s.", "voice": "joe"}', 400, "input"),
+    ("/generate/image", '{"prompt": "a fox %s", "steps": 1}', 422, "prompt"),
+    ("/v1/images/generations", '{"model": "tiny-sd-turbo", "prompt": "a fox %s"}', 400, "prompt"),
+    ("/generate/3d", '{"prompt": "a chair %s", "steps": 1}', 422, "prompt"),
+])
+def test_text_that_is_not_valid_unicode_is_refused_naming_the_field(http, path, body, status, field):
+    answer = http.post(path, **_raw(body.replace("%s", SURROGATE)))
+    detail = answer.json()
+    message = detail["error"]["message"] if "error" in detail else detail["detail"]
+    assert answer.status_code == status and message.startswith(f"{field}: "), answer.text
+
+
+@pytest.mark.parametrize("path, body, status, field", [
+    ("/generate/text", {"prompt": "hi", "temperature": 1e-300}, 422, "temperature"),
+    ("/generate/text", {"prompt": "hi", "repetition_penalty": 1e-300}, 422, "repetition_penalty"),
+    ("/generate/text", {"prompt": "hi", "temperature": 1e-300, "stream": True}, 422, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                              "temperature": 1e-300, "stream": True}, 400, "temperature"),
+    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}],
+                              "repetition_penalty": 1e-300}, 400, "repetition_penalty"),
+])
+def test_sampling_values_that_would_break_sampling_are_refused(http, path, body, status, field):
+    """They once passed validation and crashed sampling (inf or nan probabilities) with a 500."""
+    answer = http.post(path, json=body)
+    detail = answer.json()
+    message = detail["error"]["message"] if "error" in detail else detail["detail"]
+    assert answer.status_code == status and message.startswith(f"{field}: "), answer.text
+
+
+def test_a_row_is_never_lost_over_its_content(tmp_path):
+    from studio.telemetry.logreader import LogReader
+    from studio.telemetry.requestlog import RequestLog
+
+    log = RequestLog(tmp_path, log_prompts=True)
+    log.write({"client": "rest", "modality": "chat", "model": "m", "status": "ok", "prompt": "a \ud800 b",
+               "extra": {"note\udc00": "x \udfff"}})
+    [row] = LogReader(tmp_path).read().requests.to_dict("records")
+    assert row["prompt"] == "a \ufffd b" and row["prompt_chars"] == 5 and log.write_errors == 0
+
+
+def test_a_damaged_weights_file_is_a_clear_counted_load_failure(tmp_path, monkeypatch):
+    """Random bytes in a model's safetensors file gave a bare 500 (an OverflowError while sizing it) that no
+    counter saw; now it is a 502 naming the model and the file inside it, counted, and the entry stays clean."""
+    import shutil
+
+    from conftest import routes
+    from studio.weights import ensure_local
+
+    monkeypatch.setenv("STUDIO_TINY_DIR", str(tmp_path / "tiny"))
+    studio = tiny_studio(tmp_path / "logs")
+    folder = ensure_local(studio.registry.get("tiny-llama"))
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    with routes(studio) as http:
+        answer = http.post("/generate/text", json={"prompt": "hi", "model": "tiny-llama"})
+        again = http.post("/generate/text", json={"prompt": "hi", "model": "tiny-llama"})
+    assert answer.status_code == again.status_code == 502
+    message = answer.json()["detail"]
+    assert "tiny-llama" in message and "model.safetensors" in message and str(tmp_path) not in message
+    snap = studio.cache.snapshot()
+    assert snap.load_failures == 2 and snap.models == [] and snap.used_bytes == 0
+    shutil.rmtree(folder)  # rebuilt on the next use: the studio recovers without a restart
+    with routes(studio) as http:
+        assert http.post("/generate/text", json={"prompt": "hi", "model": "tiny-llama",
+                                                 "max_new_tokens": 2}).status_code == 200

@@ -211,11 +211,12 @@ def router(studio: Studio) -> APIRouter:
     async def generate_text(body: TextBody):
         """Chat with a language model: the reply as JSON, or streamed token by token."""
         call = Call("rest", "/generate/text")
-        if not body.stream:
-            result = await run_in_threadpool(complete_chat, studio, body.request(), call)
-            return _response(result, result.text)
-        events = stream_chat(studio, body.request(), call)
-        first = await first_event(events)
+        with renamed({"messages[0].content": "prompt"} if body.prompt is not None else {}):
+            if not body.stream:
+                result = await run_in_threadpool(complete_chat, studio, body.request(), call)
+                return _response(result, result.text)
+            events = stream_chat(studio, body.request(), call)
+            first = await first_event(events)
 
         def frames(event: ChatEvent) -> list[str]:
             if event.done:

@@ -56,6 +56,21 @@ CACHE_COLUMNS: tuple[str, ...] = ("ts", "event", "model", "seconds", "bytes", "e
 _ENCODE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encodable(value: Any) -> Any:
+    """`value` with lone surrogates (which JSON text can carry but no UTF-8 can) replaced by U+FFFD, at any depth:
+    a row is never lost over its content."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, Mapping):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
 def columns() -> tuple[str, ...]:
     """Every request row's columns: the common ones, each registered modality's outputs, then `extra`."""
     return (*BASE_COLUMNS, *(c for c in modalities.log_columns() if c not in BASE_COLUMNS), "extra")
@@ -88,7 +103,10 @@ class JsonlWriter:
         """Append one row to today's (UTC) file; raises OSError when the disk refuses it.
 
         The file is chosen by the time of writing, so each file only grows while it is today's."""
-        data = orjson.dumps(row, default=str, option=_ENCODE)
+        try:
+            data = orjson.dumps(row, default=str, option=_ENCODE)
+        except orjson.JSONEncodeError:  # text that is not valid Unicode (a lone surrogate)
+            data = orjson.dumps(_encodable(row), default=str, option=_ENCODE)
         with self._lock:
             fd = self._open(int(time.time() // 86400))
             if fcntl:
@@ -237,7 +255,8 @@ class RequestLog:
         prompt = fields.pop("prompt", None)
         if prompt is not None:
             text = prompt if isinstance(prompt, str) else orjson.dumps(prompt, default=str).decode()
-            fields.update(prompt_chars=len(text), prompt_sha256=hashlib.sha256(text.encode()).hexdigest(),
+            digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+            fields.update(prompt_chars=len(text), prompt_sha256=digest,
                           prompt=text if self.log_prompts else None)
         fields["adapters"] = _adapters(fields.get("adapters"))
         names = columns()
