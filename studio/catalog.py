@@ -11,11 +11,8 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from studio.registry import ModelSpec, Registry
+from studio.registry import GPU_BF16, GPU_HALF, ModelSpec, Registry
 from studio.weights import is_cached
-
-GPU_HALF = {"cuda": "float16", "mps": "float16", "cpu": "float32"}
-GPU_BF16 = {"cuda": "bfloat16", "mps": "float16", "cpu": "bfloat16"}
 
 PIPER = ModelSpec(
     id="piper-joe", modality="text-to-speech", label="Piper · Joe (US English, offline)",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -12,6 +13,9 @@ from studio import modalities
 from studio.contract import UnknownModelError
 
 FP32 = {"cuda": "float32", "mps": "float32", "cpu": "float32"}
+GPU_HALF = {"cuda": "float16", "mps": "float16", "cpu": "float32"}
+GPU_BF16 = {"cuda": "bfloat16", "mps": "float16", "cpu": "bfloat16"}
+ORIGINS = ("built-in", "catalog", "drop-in", "external")  # where an entry comes from (the model manager shows it)
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,11 @@ class Provider:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model entry. `options` override its modality's defaults and caps (see `ModelOptions.of`)."""
+    """One model entry. `options` override its modality's defaults and caps (see `ModelOptions.of`).
+
+    Its weights come from one of: a Hub repo (`repo`, optionally one `file` in it: a single-file checkpoint), a
+    local folder or file (`path`), a tiny-profile build (`build`), a Python package (none of these: the loader
+    knows), or an external provider."""
 
     id: str
     modality: str  # a registered modality's name (studio.modalities)
@@ -39,12 +47,17 @@ class ModelSpec:
     params: int  # parameter count, for the size estimate before the weights are on disk
     repo: str | None = None  # Hugging Face Hub repo id
     revision: str = "main"
+    file: str | None = None  # a single-file checkpoint inside the repo (else the whole repo is the model)
+    path: str | None = None  # a local folder in a Hub repo's layout, or a single file
     build: str | None = None  # tiny profile: "module:function" that writes the model into a folder
     dtypes: Mapping[str, str] = field(default_factory=lambda: dict(FP32))
     stands_for: str | None = None  # tiny profile: the real model this one mimics
     provider: Provider | None = None  # served by this external provider instead of a local load
     remote: str | None = None  # the provider's name for the model
     options: Mapping[str, Any] = field(default_factory=dict)
+    family: str | None = None  # the `studio.contract.Family` its files were recognised as (user models)
+    quantize: str | None = None  # one of studio.quantization.QUANTIZE_CHOICES
+    origin: str = "built-in"  # one of ORIGINS
 
     def dtype(self, device: str) -> str:
         return self.dtypes.get(device, "float32")
@@ -57,32 +70,46 @@ class ModelSpec:
     def source(self) -> str:
         if self.provider:
             return f"{self.provider.name} ({self.provider.base_url})"
+        if self.path:
+            return self.path
         if self.repo:
-            return f"{self.repo}@{self.revision}"
+            return f"{self.repo}{'/' + self.file if self.file else ''}@{self.revision}"
         return "built locally (tiny profile)" if self.build else "bundled"
 
 
 class Registry:
-    """The models of the active profile, by id; external providers add theirs at start-up."""
+    """The models of the active profile, by id; external providers, the user catalog and the drop-in folders add
+    theirs at start-up, the model manager while the studio runs (so readers iterate over a copy)."""
 
     def __init__(self, name: str, specs: Iterable[ModelSpec]):
         self.name = name
         self._specs: dict[str, ModelSpec] = {}
+        self._lock = threading.Lock()
         for spec in specs:
             self.add(spec)
 
     def add(self, spec: ModelSpec) -> None:
-        if spec.id in self._specs:
-            raise ValueError(f"model id {spec.id!r} is registered twice")
         if spec.modality not in modalities.names():
             raise ValueError(f"model {spec.id!r}: modality {spec.modality!r} is not one of "
                              f"{', '.join(modalities.names())}")
-        self._specs[spec.id] = spec
+        with self._lock:
+            if spec.id in self._specs:
+                raise ValueError(f"model id {spec.id!r} is registered twice")
+            self._specs[spec.id] = spec
 
     def replace(self, spec: ModelSpec) -> None:
         """Put an updated entry in place of the one with the same id (an external model's limits, read late)."""
         self.get(spec.id)
-        self._specs[spec.id] = spec
+        with self._lock:
+            self._specs[spec.id] = spec
+
+    def remove(self, model_id: str) -> ModelSpec:
+        """Take an entry out (the model manager's Remove, a drop-in file that went away)."""
+        with self._lock:
+            spec = self._specs.pop(model_id, None)
+        if spec is None:
+            raise UnknownModelError(str(model_id), list(self._specs))
+        return spec
 
     def get(self, model_id: str) -> ModelSpec:
         try:
@@ -91,10 +118,11 @@ class Registry:
             raise UnknownModelError(str(model_id), self._specs) from None
 
     def of(self, modality: str) -> list[ModelSpec]:
-        return [s for s in self._specs.values() if s.modality == modality]
+        return [s for s in self if s.modality == modality]
 
     def __iter__(self):
-        return iter(self._specs.values())
+        with self._lock:
+            return iter(list(self._specs.values()))
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._specs
