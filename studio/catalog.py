@@ -6,11 +6,11 @@ code in `studio.backends`.
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from studio import hub
 from studio.registry import GPU_BF16, GPU_HALF, ModelSpec, Registry
 from studio.weights import is_cached
 
@@ -85,7 +85,7 @@ TINY_MODELS = (
 
 def hub_reachable(timeout: float = 2.0) -> bool:
     """One TCP connect to the Hub, made only when a real model would have to be downloaded."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub.offline():
         return False
     from huggingface_hub import constants
 

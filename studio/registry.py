@@ -36,9 +36,9 @@ class Provider:
 class ModelSpec:
     """One model entry. `options` override its modality's defaults and caps (see `ModelOptions.of`).
 
-    Its weights come from one of: a Hub repo (`repo`, optionally one `file` in it: a single-file checkpoint), a
-    local folder or file (`path`), a tiny-profile build (`build`), a Python package (none of these: the loader
-    knows), or an external provider."""
+    Its weights come from one of: a Hub repo (`repo`), a local folder in a Hub repo's layout or a single-file
+    checkpoint (`path`), a tiny-profile build (`build`), a Python package (none of these: the loader knows), or an
+    external provider."""
 
     id: str
     modality: str  # a registered modality's name (studio.modalities)
@@ -47,7 +47,6 @@ class ModelSpec:
     params: int  # parameter count, for the size estimate before the weights are on disk
     repo: str | None = None  # Hugging Face Hub repo id
     revision: str = "main"
-    file: str | None = None  # a single-file checkpoint inside the repo (else the whole repo is the model)
     path: str | None = None  # a local folder in a Hub repo's layout, or a single file
     build: str | None = None  # tiny profile: "module:function" that writes the model into a folder
     dtypes: Mapping[str, str] = field(default_factory=lambda: dict(FP32))
@@ -73,7 +72,7 @@ class ModelSpec:
         if self.path:
             return self.path
         if self.repo:
-            return f"{self.repo}{'/' + self.file if self.file else ''}@{self.revision}"
+            return f"{self.repo}@{self.revision}"
         return "built locally (tiny profile)" if self.build else "bundled"
 
 

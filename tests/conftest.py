@@ -32,8 +32,10 @@ def free_port() -> int:
 
 
 def tiny_studio(log_dir: Path, *argv: str, env: dict | None = None) -> Studio:
-    """A tiny-profile Studio from command-line style arguments, logging into `log_dir`."""
-    args = ["--profile", "tiny", "--log-dir", str(log_dir), "--memory-budget", "2GiB", *argv]
+    """A tiny-profile Studio from command-line style arguments, logging into `log_dir`; its user catalog and
+    drop-in folder sit beside it (never the repository's own models.yaml and models/)."""
+    args = ["--profile", "tiny", "--log-dir", str(log_dir), "--memory-budget", "2GiB",
+            "--models", str(log_dir.parent / "models.yaml"), "--models-dir", str(log_dir.parent / "models"), *argv]
     return create_studio(parse_settings(args, env=env or {}))
 
 
