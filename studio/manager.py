@@ -243,7 +243,8 @@ class ModelManager:
         except Exception as exc:
             raise InputError("source", f"{spec.repo}: cannot list its files on the Hub ({type(exc).__name__})") from None
         wanted = hub.wanted(files)
-        missing = [f for f in wanted if not isinstance(try_to_load_from_cache(spec.repo, f.path, spec.revision), str)]
+        missing = [f for f in wanted
+                   if not isinstance(try_to_load_from_cache(spec.repo, f.path, revision=spec.revision), str)]
         return tuple(f.path for f in wanted), sum(f.size for f in missing)
 
     def _refuse_what_cannot_fit(self, plan: Plan) -> None:

@@ -135,7 +135,7 @@ def append_entry(path: Path, entry: UserEntry) -> None:
         models = _models(old)
         line = "  - " + yaml.safe_dump(entry.as_yaml(), default_flow_style=True, width=10**6, sort_keys=False)
         new = (old if old.strip() else "models:\n") + ("" if old.endswith("\n") or not old.strip() else "\n") + line
-        if _models(new) != models + [entry.as_yaml()]:
+        if not _parses_to(new, models + [entry.as_yaml()]):
             new = _dump(models + [entry.as_yaml()])
         _write(Path(path), new)
 
