@@ -182,9 +182,12 @@ def test_the_first_added_model_creates_the_file_and_a_flow_style_list_is_rewritt
 
 
 def test_chat_detect_reads_the_architecture_and_refuses_what_it_cannot_chat_with(folders):
-    from studio.backends.chat import CAUSAL_LM, detect
+    from studio.backends.chat import detect
 
-    assert detect(folders["phi3"]) is CAUSAL_LM and detect(folders["gemma"]) is CAUSAL_LM
+    family = detect(folders["phi3"])
+    assert family.name == "causal-lm" and detect(folders["gemma"]).name == "causal-lm"
+    # from config.json's 256 positions: replies capped so that the conversation keeps room
+    assert family.options == {"context_length": 256, "max_new_tokens": 128, "default_max_new_tokens": 64}
     assert detect(folders["vits"]) is None and detect(folders["bert"]) is None and detect(folders["junk"]) is None
     with pytest.raises(UnsupportedModel, match="LlamaForCausalLM has no chat template: it is a base"):
         detect(folders["base"])

@@ -232,7 +232,15 @@ def detect(path: Path) -> Family | None:
         raise UnsupportedModel(f"{name} has no chat template: it is a base (pre-trained) model, not a chat "
                                "model; pick its instruct / chat version, or add a chat_template to its "
                                "tokenizer_config.json")
-    return CAUSAL_LM
+    context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+        "max_position_embeddings")
+    if not isinstance(context, int) or context <= 0:
+        return CAUSAL_LM
+    # The reply's cap and default leave room for the conversation in a small context window.
+    defaults = ChatOptions()
+    return replace(CAUSAL_LM, options={"context_length": context,
+                                       "max_new_tokens": min(defaults.max_new_tokens, context // 2),
+                                       "default_max_new_tokens": min(defaults.default_max_new_tokens, context // 4)})
 
 
 def load_causal_lm(spec: ModelSpec, path: Path, device: str, dtype: str) -> TransformersChat:

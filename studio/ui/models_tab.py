@@ -21,8 +21,8 @@ from studio.quantization import QUANTIZE_CHOICES
 from studio.runtime import Studio
 from studio.ui.controls import shown_to_user
 
-COLUMNS = ["model", "label", "modality", "family", "origin", "size", "fits", "disk", "state", "in use", "kept",
-           "last used", "source"]
+COLUMNS = ["model", "label", "modality", "family", "state", "size", "fits", "disk", "in use", "kept", "last used",
+           "origin", "source"]
 ALL = "all"
 NO_QUANTIZATION = "none"
 TABLE_EVERY_S = 5
@@ -61,9 +61,9 @@ def _ago(seconds: float | None) -> str:
 
 def rows(studio: Studio, modality: str) -> pd.DataFrame:
     infos = studio.manager.catalog(None if modality == ALL else modality)
-    return pd.DataFrame([[m.id, m.label, m.modality, m.family or "–", m.origin,
+    return pd.DataFrame([[m.id, m.label, m.modality, m.family or "–", m.state,
                           "–" if m.external else format_size(m.size_bytes), "yes" if m.fits_budget else "no",
-                          _disk(m), m.state, m.in_use, "yes" if m.keep_loaded else "", _ago(m.last_used),
+                          _disk(m), m.in_use, "yes" if m.keep_loaded else "", _ago(m.last_used), m.origin,
                           m.source] for m in infos], columns=COLUMNS)
 
 
@@ -82,7 +82,7 @@ def progress_bar(status: dict | None) -> str:
     text = f"{format_size(done)} of {format_size(total)} · {format_size(status['bytes_per_s'])}/s"
     if status["seconds_left"] is not None:
         text += f" · {status['seconds_left']:.0f} s left"
-    ending = {"done": f"✅ Added **{status['model']}**: pick it in its tab.",
+    ending = {"done": f"✅ Added <b>{status['model']}</b>: pick it in its tab.",
               "cancelled": f"Cancelled: {status['model']} was not added (its finished files stay in the cache, so "
                            "adding it again fetches only the rest).",
               "failed": f"❌ {status['model']} was not added: {html.escape(status['error'] or '')}"}
