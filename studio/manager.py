@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from studio import hub, modalities, usermodels, weights
-from studio.cache import CacheError, ModelCache, ModelTooLarge
+from studio.cache import CacheError, ModelCache, ModelStatus, ModelTooLarge
 from studio.config import Settings, format_size
 from studio.contract import InputError, UnsupportedModel, require
-from studio.quantization import MODALITIES as QUANTIZABLE
+from studio.quantization import MODALITIES as QUANTIZABLE, QUANTIZE_CHOICES
 from studio.registry import ModelSpec, Registry
 
 logger = logging.getLogger(__name__)
@@ -152,11 +152,10 @@ class ModelManager:
         """Every model (built-in, user catalog, drop-in, external), optionally of one modality."""
         snapshot = {m.id: m for m in self.cache.snapshot().models}
         last_used, kept = self.cache.last_used(), self.cache.kept()
-        infos = [self._info(spec, snapshot.get(spec.id), last_used.get(spec.id), spec.id in kept)
-                 for spec in self.registry if modality is None or spec.modality == modality]
-        return infos
+        return [self._info(spec, snapshot.get(spec.id), last_used.get(spec.id), spec.id in kept)
+                for spec in self.registry if modality is None or spec.modality == modality]
 
-    def _info(self, spec: ModelSpec, status: Any, last_used: float | None, kept: bool) -> ModelInfo:
+    def _info(self, spec: ModelSpec, status: ModelStatus | None, last_used: float | None, kept: bool) -> ModelInfo:
         if spec.external:
             return ModelInfo(spec.id, spec.label, spec.modality, spec.family, spec.origin, spec.source, None, None,
                              0, True, True, 0, "external", status.pins if status else 0, kept, last_used, True)
@@ -190,6 +189,7 @@ class ModelManager:
         source = (source or "").strip()
         require(bool(source), "source", "paste a Hub repo id (org/name) or a local folder or file")
         require(dtype in (None, *usermodels.DTYPES), "dtype", f"must be one of {', '.join(usermodels.DTYPES)}")
+        require(quantize in (None, "", *QUANTIZE_CHOICES), "quantize", f"must be one of {', '.join(QUANTIZE_CHOICES)}")
         local, folder = self._files(source, revision or "main")
         try:
             detected, family = usermodels.recognise(folder)
@@ -241,7 +241,8 @@ class ModelManager:
         try:
             _commit, files = hub.list_files(spec.repo, spec.revision)
         except Exception as exc:
-            raise InputError("source", f"{spec.repo}: cannot list its files on the Hub ({type(exc).__name__})") from None
+            raise InputError("source", f"{spec.repo}: cannot list its files on the Hub ({type(exc).__name__})") \
+                from None
         wanted = hub.wanted(files)
         missing = [f for f in wanted
                    if not isinstance(try_to_load_from_cache(spec.repo, f.path, revision=spec.revision), str)]
@@ -323,15 +324,17 @@ class ModelManager:
         if model_id not in self.registry and self.cancel(model_id):
             return Removal(model_id, 0, True)
         spec = self.registry.get(model_id)
-        require(not spec.external, "model", f"{model_id} is served by {spec.provider.name if spec.provider else ''}; "
-                "remove it from the providers file")
+        if spec.provider is not None:
+            raise InputError("model", f"{model_id} is served by {spec.provider.name}; remove it from the providers "
+                             "file")
         require(spec.origin != "drop-in", "model", f"{model_id} is a drop-in model: delete {spec.path} yourself "
                 "(the studio does not delete your files), then press Refresh")
         require(spec.repo or spec.build or spec.origin == "catalog", "model",
                 f"{model_id} ships inside a Python package; there is nothing to remove")
         self.cancel(model_id)
         if self.cache.resident(model_id):
-            require(self.cache.unload(model_id), "model", f"{model_id} is in use; remove it when its requests have ended")
+            require(self.cache.unload(model_id), "model",
+                    f"{model_id} is in use; remove it when its requests have ended")
         freed = 0
         if spec.repo and not any(other.repo == spec.repo for other in self.registry if other.id != model_id):
             freed = hub.delete(spec.repo)

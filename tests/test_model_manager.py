@@ -214,7 +214,8 @@ def test_every_refusal_names_the_model_and_the_reason_and_the_studio_keeps_servi
             patch.setattr(hub_module, "free_bytes", lambda path: 1000)
             answer = http.post("/models", json={"source": REPO})
         assert answer.status_code == 507
-        assert answer.json()["detail"].startswith("phi3-chat needs ") and "only 1000 B is free" in answer.json()["detail"]
+        detail = answer.json()["detail"]
+        assert detail.startswith("phi3-chat needs ") and "only 1000 B is free" in detail
 
         studio.cache.budget = 300_000  # the bf16 model (~284 KB) fits; with more weights it would not
         plan = studio.manager.plan(REPO)

@@ -61,7 +61,8 @@ def write_catalog(path: Path, *entries: str) -> Path:
 
 def test_catalog_entries_register_with_their_family_and_settings(make_studio, folders, tmp_path):
     catalog = write_catalog(tmp_path / "models.yaml",
-                            f"{{id: my-phi3, modality: chat, source: {folders['phi3']}, quantize: int8, label: My Phi}}",
+                            f"{{id: my-phi3, modality: chat, source: {folders['phi3']}, quantize: int8, "
+                            "label: My Phi}",
                             f"{{id: my-voice, modality: text-to-speech, source: {folders['vits']}, dtype: float32}}",
                             "{id: rel-gemma, modality: chat, source: gemma-copy, options: {max_new_tokens: 32}}")
     shutil.copytree(folders["gemma"], tmp_path / "gemma-copy")  # a relative source: beside the catalog file
