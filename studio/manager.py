@@ -51,7 +51,7 @@ class ModelInfo:
     fits_budget: bool
     on_disk: bool  # loading it needs no download
     disk_bytes: int  # what its files take on disk now
-    state: str  # "resident", "loading", "evicting", "downloading" or "not loaded"
+    state: str  # "resident", "loading", "evicting" or "not loaded"
     in_use: int  # requests using it now
     keep_loaded: bool
     last_used: float | None  # time.time() of its last use in this process
@@ -161,11 +161,10 @@ class ModelManager:
                              0, True, True, 0, "external", status.pins if status else 0, kept, last_used, True)
         dtype = spec.dtype(self.device)
         size = status.bytes if status is not None else weights.estimate_bytes(spec, dtype)
-        job = self._downloads.get(spec.id)
-        state = status.state if status is not None else "downloading" if job and not job.finished else "not loaded"
         return ModelInfo(spec.id, spec.label, spec.modality, spec.family, spec.origin, spec.source, dtype,
                          spec.quantize, size, size <= self.cache.budget, weights.is_cached(spec),
-                         weights.disk_bytes(spec), state, status.pins if status else 0, kept, last_used, False)
+                         weights.disk_bytes(spec), status.state if status else "not loaded",
+                         status.pins if status else 0, kept, last_used, False)
 
     def choices(self, modality: str) -> list[tuple[str, str]]:
         """A model picker's (text, id) pairs: the label, the size in memory and whether it is loaded."""
@@ -305,6 +304,10 @@ class ModelManager:
     def download(self, model_id: str) -> Download | None:
         """The model's running (or last) download."""
         return self._downloads.get(model_id)
+
+    def downloads(self) -> list[Download]:
+        """The downloads running now (a model being added is not in the catalog until it is complete)."""
+        return [job for job in list(self._downloads.values()) if not job.finished]
 
     def cancel(self, model_id: str) -> bool:
         """Cancel a running download; False when none runs."""

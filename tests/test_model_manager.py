@@ -91,9 +91,12 @@ def test_a_hub_model_is_sized_before_download_fetched_with_progress_and_used(mak
     assert 0 < middle["done_bytes"] < middle["total_bytes"] == weights_bytes and middle["state"] == "downloading"
     assert middle["bytes_per_s"] > 0 and middle["seconds_left"] is not None
     assert "phi3-chat" not in studio.registry  # registered only once complete
+    with routes(studio) as http:
+        assert [d["model"] for d in http.get("/models").json()["downloads"]] == ["phi3-chat"]
     hub.release()
     wait_for(job)
     assert job.state == "done" and job.status()["done_bytes"] == weights_bytes and job.status()["fraction"] == 1.0
+    assert studio.manager.downloads() == []
 
     spec = studio.registry.get("phi3-chat")
     assert (spec.origin, spec.family) == ("catalog", "causal-lm")

@@ -40,6 +40,7 @@ class Catalog(BaseModel):
     budget_bytes: int
     used_bytes: int  # held by resident models now
     models: list[ModelInfo]
+    downloads: list[dict[str, Any]]  # models being added: their progress (they join `models` once complete)
     problems: list[Problem]  # drop-in files and catalog entries that were left out, and why
 
 
@@ -106,8 +107,9 @@ def router(studio: Studio) -> APIRouter:
     def list_models(modality: str | None = None) -> Catalog:
         """Every model with its modality, family, source, size at its dtype, disk use, fit, residency and use."""
         snap = studio.cache.snapshot()
-        return Catalog(budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes,
-                       models=manager.catalog(modality), problems=[Problem(**vars(p)) for p in manager.problems])
+        return Catalog(budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, models=manager.catalog(modality),
+                       downloads=[job.status() for job in manager.downloads()],
+                       problems=[Problem(**vars(p)) for p in manager.problems])
 
     @api.post("/models/plan", responses=ADD_RESPONSES)
     def plan_model(body: AddModel) -> PlanOut:
