@@ -208,7 +208,7 @@ class ModelManager:
                                      options=dict(options or {}))
         try:
             spec = usermodels.resolve(entry, Path.cwd(), self.device)
-        except usermodels.Unusable as exc:
+        except InputError as exc:
             raise InputError(exc.field, f"{model_id}: {exc.message}") from None
         files, need = self._to_fetch(spec)
         dtype = spec.dtype(self.device)
@@ -226,8 +226,6 @@ class ModelManager:
                 f"{source!r} is neither a file or folder on this machine nor a Hub repo id (org/name)")
         try:
             return None, usermodels.hub_files(source, revision)
-        except usermodels.Unusable as exc:
-            raise InputError(exc.field, exc.message) from None
         except usermodels.Unreachable as exc:
             raise InputError("source", str(exc)) from None
 

@@ -32,7 +32,7 @@ import yaml
 
 from studio import hub, modalities
 from studio.config import ConfigError
-from studio.contract import Family, UnsupportedModel, config_json
+from studio.contract import Family, InputError, UnsupportedModel, config_json
 from studio.entries import MODEL_KEYS, choice, load, mapping, model_entry, text
 from studio.quantization import QUANTIZE_CHOICES, QuantizationError, check
 from studio.registry import FP32, ModelSpec, Registry
@@ -45,16 +45,6 @@ DEVICES = ("cuda", "mps", "cpu")
 # Files in a drop-in folder that are a model by themselves (folders always are a candidate).
 MODEL_FILES = (".safetensors", ".ckpt", ".onnx", ".bin", ".pt", ".pth", ".gguf")
 _writing = threading.Lock()  # one writer of the catalog file at a time
-
-
-class Unusable(ValueError):
-    """An entry the studio cannot serve: the field at fault and one plain sentence (unsupported family, files
-    that are no model, quantization this device cannot do)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class Unreachable(RuntimeError):
@@ -117,13 +107,12 @@ def _named(item: dict) -> str:
 
 
 def entry_of(item: dict, where: str) -> UserEntry:
-    """A checked UserEntry from a mapping (a catalog file's entry, or the Add box's fields)."""
+    """A catalog file's entry, checked (the keys of every model entry, then the catalog's own)."""
     model = model_entry(item, where)
     return UserEntry(id=model.id, modality=model.modality.name, source=text(item, "source", where),
                      label=model.label, revision=text(item, "revision", where, required=False),
-                     dtype=choice(item, "dtype", where, DTYPES), quantize=choice(item, "quantize", where,
-                                                                                 QUANTIZE_CHOICES),
-                     options=model.options)
+                     dtype=choice(item, "dtype", where, DTYPES),
+                     quantize=choice(item, "quantize", where, QUANTIZE_CHOICES), options=model.options)
 
 
 def append_entry(path: Path, entry: UserEntry) -> None:
@@ -161,14 +150,14 @@ def remove_entry(path: Path, model_id: str) -> bool:
         return True
 
 
-def _models(text_: str) -> list:
-    data = yaml.safe_load(text_) if text_.strip() else None
+def _models(content: str) -> list:
+    data = yaml.safe_load(content) if content.strip() else None
     return list((data or {}).get("models") or [])
 
 
-def _parses_to(text_: str, models: list) -> bool:
+def _parses_to(content: str, models: list) -> bool:
     try:
-        return _models(text_) == models
+        return _models(content) == models
     except yaml.YAMLError:
         return False
 
@@ -242,37 +231,38 @@ def hub_files(repo: str, revision: str) -> Path:
         return cached
     if hub.offline():
         raise Unreachable(f"{repo} is not in the Hugging Face cache and HF_HUB_OFFLINE is set")
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
     try:
         return hub.fetch_configs(repo, revision)
-    except Exception as exc:
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-        if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError)):
-            raise Unusable("source", f"{repo} (revision {revision}) is not a model repo on the Hub, or it is "
-                           "private or gated (log in with `hf auth login`)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise InputError("source", f"{repo} (revision {revision}) is not a model repo on the Hub, or it is "
+                                   "private or gated (log in with `hf auth login`)") from None
+    except Exception as exc:  # no connection, a timeout, the Hub's own trouble: each library has its own errors
         raise Unreachable(f"{repo}: the Hub cannot be reached ({type(exc).__name__})") from exc
 
 
 def resolve(entry: UserEntry, base: Path, device: str, origin: str = "catalog") -> ModelSpec:
     """The registry entry of a user model: its files found (a Hub repo's configs fetched), its family detected,
-    its quantization checked for this device. Raises Unusable(field, message) or Unreachable."""
+    its quantization checked for this device. Raises InputError (the entry's field at fault) or
+    Unreachable."""
     local = local_source(entry.source, base)
     if local is None and not hub.is_repo_id(entry.source):
-        raise Unusable("source", f"{entry.source!r} is neither a file or folder on this disk nor a Hub repo id "
-                       "(org/name)")
+        raise InputError("source", f"{entry.source!r} is neither a file or folder on this disk nor a Hub repo "
+                                   "id (org/name)")
     revision = entry.revision or "main"
     folder = local if local is not None else hub_files(entry.source, revision)
     try:
         modality, family = recognise(folder)
     except UnsupportedModel as exc:
-        raise Unusable("source", f"{entry.source}: {exc}") from None
+        raise InputError("source", f"{entry.source}: {exc}") from None
     if modality.name != entry.modality:
-        raise Unusable("modality", f"{entry.source} is a {modality.name} model ({family.label}), not a "
-                       f"{entry.modality} model")
+        raise InputError("modality", f"{entry.source} is a {modality.name} model ({family.label}), not a "
+                                     f"{entry.modality} model")
     try:
         check(entry.quantize, device, modality.name)
     except QuantizationError as exc:
-        raise Unusable("quantize", str(exc)) from None
+        raise InputError("quantize", str(exc)) from None
     dtypes = {d: entry.dtype for d in DEVICES} if entry.dtype else dict(family.dtypes or FP32)
     name = local.stem if local is not None and local.is_file() else entry.source.rstrip("/").split("/")[-1]
     return ModelSpec(id=entry.id, modality=modality.name, label=entry.label or name,
@@ -297,7 +287,7 @@ def register_catalog(registry: Registry, path: Path, device: str) -> list[Proble
             raise ConfigError(f"{where}: id: {entry.id!r} is already taken by a built-in or external model")
         try:
             registry.add(resolve(entry, Path(path).parent, device))
-        except Unusable as exc:
+        except InputError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except Unreachable as exc:
             problems.append(Problem(f"{path}: {entry.id}", f"left out until the Hub can be reached: {exc}"))
@@ -323,7 +313,7 @@ def scan(models_dir: Path, registry: Registry, device: str) -> tuple[list[ModelS
             try:
                 entry = UserEntry(id=model_id, modality=modality.name, source=str(item.resolve()))
                 found.append(resolve(entry, folder, device, origin="drop-in"))
-            except Unusable as exc:
+            except InputError as exc:
                 problems.append(Problem(str(item), exc.message))
     return found, problems
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -24,7 +24,7 @@ from studio.quantization import QUANTIZE_CHOICES
 from studio.runtime import Studio
 from studio.usermodels import DTYPES
 
-PROGRESS_EVERY_S = 0.5  # at most this long between progress events while bytes arrive
+PROGRESS_EVERY_S = 0.5  # how long the stream waits for new bytes before it looks again
 
 ADD_RESPONSES = {**ERROR_RESPONSES,
                  413: {"description": "the model is larger than the whole memory budget"},
@@ -119,14 +119,14 @@ def router(studio: Studio) -> APIRouter:
     @api.post("/models", responses={**ADD_RESPONSES, 200: {
         "description": "Server-Sent Events: plan, progress (bytes, speed, time left), then done or error",
         "content": {"text/event-stream": {}}}})
-    async def add_model(body: AddModel, request: Request) -> StreamingResponse:
+    async def add_model(body: AddModel) -> StreamingResponse:
         """Add a model: checked first (errors are HTTP errors), then downloaded with progress as Server-Sent
         Events, written to the user catalog and registered. Closing the connection cancels the download."""
         plan = await run_in_threadpool(lambda: manager.plan(**_plan_args(body)))
         job = manager.add(plan)
-        return StreamingResponse(_events(plan, job, request), media_type="text/event-stream")
+        return StreamingResponse(_events(plan, job), media_type="text/event-stream")
 
-    async def _events(plan: Plan, job: Download, request: Request) -> AsyncIterator[str]:
+    async def _events(plan: Plan, job: Download) -> AsyncIterator[str]:
         yield frame({"event": "plan", **PlanOut.of(plan).model_dump()})
         try:
             seen = -1

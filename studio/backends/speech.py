@@ -140,6 +140,7 @@ class PipelineSpeech:
     sample_rate: int
 
     def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
+        self.pipe.device = self.model.device  # the pipeline sends its inputs there; the cache may have moved the model
         with _seeded(seed), torch.inference_mode():
             audio = np.asarray(self.pipe(text)["audio"], dtype=np.float32).squeeze()
         return audio.mean(axis=0) if audio.ndim > 1 else audio  # channels first: down to mono

@@ -45,6 +45,7 @@ def test_add_a_model_watch_its_progress_chat_with_it_and_remove_it(hub_and_serve
     hub, server, root = hub_and_server
     panel = open_studio(page, server.url, "Models")
     expect(panel.locator("#models-summary")).to_contain_text("Nothing is loaded")
+    assert "4.00 GiB" in panel.locator("#models-summary strong").all_inner_texts()  # a figure is bold with its unit
     expect(panel.locator("#models-table")).to_contain_text("tiny-llama")  # every registered model, as a table
 
     hub.hold("model.safetensors", after=64 * 1024)
