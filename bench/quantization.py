@@ -9,8 +9,8 @@ worker thread as the studio does; medians of the per-pair ratios. Every forward 
 token and is what int8 speeds up: `tokens_per_s_ratio` compares each run's median decoding step. The prompt's pass
 multiplies many rows at once, where int8 dequantizes its weights and is slower (`prefill_ms_ratio`, and the
 end-to-end ratio that includes it). Sizes are what the studio's cache counts (`devices.module_bytes`), and the size
-estimate made from the tensor shapes before loading (`quantization.estimated_bytes`) is checked against it. Logit
-agreement: cosine similarity of the two models' next-token logits on the prompt. Random weights give nearly tied
+estimate made from the tensor shapes before loading (`studio.quantization.estimated_bytes`) is checked against it.
+Logit agreement: cosine similarity of the two models' next-token logits on the prompt. Random weights give nearly tied
 logits, so the two greedy continuations part after a few tokens (`identical_leading_tokens`); the cosine is the
 measure.
 Writes bench/results/quantization.json.
@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from bench.chat import PROMPT, build_model, build_tokenizer  # noqa: E402
 from studio.backends import quantization  # noqa: E402
 from studio.devices import module_bytes  # noqa: E402
+from studio.quantization import estimated_bytes  # noqa: E402
 
 TARGETS = {"tokens_per_s_ratio": ">= 1.5", "bytes_ratio": "<= 0.6", "logits_cosine": ">= 0.99"}
 RESULTS = Path(__file__).parent / "results" / "quantization.json"
@@ -108,7 +109,7 @@ def main() -> None:
 
     sizes = {name: module_bytes(model) for name, model in models.items()}
     tensors = [(name, list(t.shape), "BF16") for name, t in bf16.state_dict().items()]
-    estimate = quantization.estimated_bytes(tensors, "int8", "bfloat16")
+    estimate = estimated_bytes(tensors, "int8", "bfloat16")
     logits = {name: next_token_logits(model, inputs) for name, model in models.items()}
     cosine = torch.nn.functional.cosine_similarity(logits["bfloat16"], logits["int8"], dim=0).item()
 

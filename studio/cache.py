@@ -15,7 +15,9 @@ Rules, each one a fault seen in other model managers:
 - reading weights and freeing memory happen outside the lock; only bookkeeping is under it;
 - memory a model uses beyond its weights while it serves (a batching engine's KV cache: its "workspace") is
   reserved from the same budget, strictly: idle models are evicted to make room, else the reservation is refused
-  and the request waits; a model that holds such resources is closed when it is evicted.
+  and the request waits; a model that holds such resources is closed when it is evicted;
+- a model kept loaded (`keep`, Ollama's keep-alive) is never chosen for eviction; only an explicit `unload`
+  frees it, and a load that only its memory stands in the way of is refused at once instead of waiting.
 
 A loaded model may offer three hooks (studio/backends/chat.py's TransformersChat does): `bind_workspace(workspace)`,
 called once after the load with its `Workspace`; `close()`, called when it is evicted, before its references are
@@ -127,6 +129,7 @@ class ModelStatus:
     load_seconds: float
     device: str  # where it computes now: the cache's device, or a call's (ZeroGPU) while one uses it
     workspace_bytes: int = 0  # reserved beyond the weights while serving (a batching engine's KV cache)
+    kept: bool = False  # kept loaded: eviction passes it by
     running: int | None = None  # sequences in its batch now (models that batch)
     waiting: int | None = None  # requests waiting for a batch slot or workspace
 
@@ -186,6 +189,8 @@ class ModelCache:
         self._measure = measure
         self._cond = threading.Condition(threading.RLock())
         self._entries: dict[str, Entry] = {}
+        self._kept: set[str] = set()
+        self._last_used: dict[str, float] = {}  # wall-clock time of each model's last use, kept after eviction
         self._listeners: list[Listener] = []
         self._peak = 0
         self._counts = {"hits": 0, "misses": 0, "loads": 0, "load_failures": 0, "evictions": 0}
@@ -217,14 +222,51 @@ class ModelCache:
                 pass
 
     def unload(self, model_id: str) -> bool:
-        """Evict one idle model now (the Models tab's button); False if it is in use or not resident."""
+        """Evict one idle model now (the Models tab's button), kept loaded or not (it stops being kept); False if
+        it is in use or not resident."""
         with self._cond:
             entry = self._entries.get(model_id)
             if entry is None or entry.state is not State.RESIDENT or entry.pins:
                 return False
             entry.state = State.EVICTING
+            self._kept.discard(model_id)
         self._evict([entry])
         return True
+
+    def keep(self, model_id: str, on: bool = True) -> None:
+        """Keep a model loaded, or stop keeping it. Keeping loads it now (waiting for the load) and no eviction
+        chooses it until `keep(id, False)` or an explicit `unload`; a load that fails keeps nothing."""
+        self.registry.get(model_id)  # an unknown id is the caller's error
+        with self._cond:
+            if on:
+                self._kept.add(model_id)
+            else:
+                self._kept.discard(model_id)
+                self._cond.notify_all()  # a load waiting for memory may get it now
+        if not on:
+            return
+        try:
+            self.preload([model_id])
+        except BaseException:
+            with self._cond:
+                self._kept.discard(model_id)
+            raise
+
+    def kept(self) -> set[str]:
+        """The models kept loaded."""
+        with self._cond:
+            return set(self._kept)
+
+    def last_used(self) -> dict[str, float]:
+        """When each model was last used (time.time()), also after it was evicted."""
+        with self._cond:
+            return dict(self._last_used)
+
+    def forget(self, model_id: str) -> None:
+        """Drop what the cache remembers of a model that left the registry (it must not be resident)."""
+        with self._cond:
+            self._kept.discard(model_id)
+            self._last_used.pop(model_id, None)
 
     def grow(self, model_id: str, nbytes: int) -> None:
         """Count memory a pinned model gained while in use (a LoRA adapter loaded into it; negative when freed).
@@ -239,7 +281,7 @@ class ModelCache:
             entry.bytes += nbytes
             victims = self._victims(0) if nbytes > 0 else []
             if victims is None:  # the rest is in use too: free what we can
-                victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
+                victims = self._evictable()
             for victim in victims:
                 victim.state = State.EVICTING
             self._peak = max(self._peak, self._held())
@@ -247,9 +289,9 @@ class ModelCache:
         self._evict(victims)
 
     def clear(self) -> list[str]:
-        """Evict every idle model; models in use stay."""
+        """Evict every idle model; models in use and models kept loaded stay."""
         with self._cond:
-            victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
+            victims = self._evictable()
             for entry in victims:
                 entry.state = State.EVICTING
         self._evict(victims)
@@ -272,7 +314,7 @@ class ModelCache:
             models = [
                 ModelStatus(e.spec.id, e.spec.modality, e.state.value, e.bytes, e.pins,
                             0.0 if e.pins else round(now - e.last_used, 1), round(e.load_seconds, 3),
-                            e.moved_to or self.device, e.workspace)
+                            e.moved_to or self.device, e.workspace, e.spec.id in self._kept)
                 for e in entries
             ]
             snap = CacheSnapshot(self.device, self.strategy, self.budget, self._held(), self._peak,
@@ -328,6 +370,7 @@ class ModelCache:
                         "smaller model")
                 victims = self._victims(need)
                 if victims is None:
+                    self._refuse_if_kept_in_the_way(spec, need)
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise CacheBusy(
@@ -362,14 +405,28 @@ class ModelCache:
             self._emit("load_failed", spec.id, error=type(exc).__name__)
             raise ModelLoadError(f"could not load {spec.id}: {without_paths(str(exc))}") from exc
 
+    def _evictable(self) -> list[Entry]:
+        """Resident models nobody uses and nobody asked to keep loaded."""
+        return [e for e in self._entries.values()
+                if e.state is State.RESIDENT and not e.pins and e.spec.id not in self._kept]
+
+    def _refuse_if_kept_in_the_way(self, spec: ModelSpec, need: int) -> None:
+        """Waiting helps when models in use will be released; it does not when models kept loaded hold the room."""
+        kept = [e for e in self._entries.values() if e.spec.id in self._kept]
+        if kept and need > self.budget - sum(e.bytes + e.workspace for e in kept):
+            names = ", ".join(sorted(e.spec.id for e in kept))
+            raise ModelTooLarge(
+                f"{spec.id} needs about {format_size(need)}, but models kept loaded ({names}) hold "
+                f"{format_size(sum(e.bytes + e.workspace for e in kept))} of the {format_size(self.budget)} budget; stop keeping "
+                "one loaded (Models tab) or raise --memory-budget")
+
     def _victims(self, need: int) -> list[Entry] | None:
         """Least recently used idle models whose eviction makes room for `need` bytes; None if impossible."""
         free = self.budget - self._used()
         if need <= free:
             return []
         victims = []
-        idle = sorted((e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins),
-                      key=lambda e: e.last_used)
+        idle = sorted(self._evictable(), key=lambda e: e.last_used)
         for entry in idle:
             victims.append(entry)
             free += entry.bytes + entry.workspace
@@ -432,7 +489,7 @@ class ModelCache:
             self._peak = max(self._peak, self._held())
             victims = self._victims(0)  # [] unless the measured size came out above the estimate
             if victims is None:  # the estimate was low and the rest is in use: free what we can
-                victims = [e for e in self._entries.values() if e.state is State.RESIDENT and not e.pins]
+                victims = self._evictable()
             for victim in victims:
                 victim.state = State.EVICTING
             self._cond.notify_all()
@@ -456,10 +513,12 @@ class ModelCache:
         with self._cond:
             entry.pins -= 1
             entry.last_used = time.monotonic()
+            self._last_used[entry.spec.id] = time.time()
         if entry.moved_to:
             self._move(entry, self.device)
         with self._cond:
-            evict = self.strategy == "swap" and entry.pins == 0 and entry.state is State.RESIDENT
+            evict = (self.strategy == "swap" and entry.pins == 0 and entry.state is State.RESIDENT
+                     and entry.spec.id not in self._kept)
             if evict:
                 entry.state = State.EVICTING
             self._cond.notify_all()

@@ -6,16 +6,13 @@ code in `studio.backends`.
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from studio.registry import ModelSpec, Registry, Source
+from studio import hub
+from studio.registry import GPU_BF16, GPU_HALF, ModelSpec, Registry, Source
 from studio.weights import is_cached
-
-GPU_HALF = {"cuda": "float16", "mps": "float16", "cpu": "float32"}
-GPU_BF16 = {"cuda": "bfloat16", "mps": "float16", "cpu": "bfloat16"}
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Video families (studio.backends.video.VideoOptions): Wan 2.1 as its Diffusers repo and model card run it.
@@ -24,27 +21,27 @@ WAN = {"family": "wan", "frames": 33, "max_frames": 81, "fps": 16, "width": 832,
 
 PIPER = ModelSpec(
     id="piper-joe", modality="text-to-speech", label="Piper · Joe (US English, offline)",
-    loader="studio.backends.speech:load_piper", params=16_000_000,
+    loader="studio.backends.speech:load_piper", params=16_000_000, family="piper",
     options={"voices": ("joe",), "seeded": False},
 )
 
 DEFAULT_MODELS = (
     ModelSpec(id="tinyllama-1.1b-chat", modality="chat", label="TinyLlama 1.1B Chat",
               repo="TinyLlama/TinyLlama-1.1B-Chat-v1.0", loader="studio.backends.chat:load_causal_lm",
-              params=1_100_048_384, dtypes=GPU_BF16, options={"context_length": 2048}),
+              family="causal-lm", params=1_100_048_384, dtypes=GPU_BF16, options={"context_length": 2048}),
     ModelSpec(id="qwen2.5-0.5b-instruct", modality="chat", label="Qwen2.5 0.5B Instruct",
-              repo="Qwen/Qwen2.5-0.5B-Instruct", loader="studio.backends.chat:load_causal_lm",
+              repo="Qwen/Qwen2.5-0.5B-Instruct", loader="studio.backends.chat:load_causal_lm", family="causal-lm",
               params=494_032_768, dtypes=GPU_BF16,
               options={"context_length": 32768, "max_new_tokens": 2048, "default_max_new_tokens": 512,
                        "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}),
     ModelSpec(id="bark-small", modality="text-to-speech", label="Bark small (Suno)", repo="suno/bark-small",
-              loader="studio.backends.speech:load_bark", params=450_000_000, dtypes=GPU_HALF,
+              loader="studio.backends.speech:load_bark", family="bark", params=450_000_000, dtypes=GPU_HALF,
               options={"voices": tuple(f"v2/{lang}_speaker_{i}" for lang in ("en", "de", "es", "fr", "hi", "it", "ja",
                                                                              "ko", "pl", "pt", "ru", "tr", "zh")
                                        for i in range(10)),
                        "default_voice": "v2/en_speaker_6", "max_piece_chars": 200, "cues": True}),
     ModelSpec(id="mms-tts-eng", modality="text-to-speech", label="MMS-TTS English (VITS)", repo="facebook/mms-tts-eng",
-              loader="studio.backends.speech:load_vits", params=36_300_000),
+              loader="studio.backends.speech:load_vits", family="vits", params=36_300_000),
     PIPER,
     ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo",
               loader="studio.backends.image:load_stable_diffusion", params=1_300_000_000, dtypes=GPU_HALF,
@@ -71,19 +68,19 @@ TINY_VIDEO = {"width": 64, "height": 64, "max_size": 128, "steps": 4, "max_steps
 
 TINY_MODELS = (
     ModelSpec(id="tiny-llama", modality="chat", label="Tiny Llama (random weights)",
-              build="studio.tiny.text:build_llama", loader="studio.backends.chat:load_causal_lm", params=200_000,
-              stands_for="TinyLlama/TinyLlama-1.1B-Chat-v1.0", options=TINY_CHAT),
+              build="studio.tiny.text:build_llama", loader="studio.backends.chat:load_causal_lm", family="causal-lm",
+              params=200_000, stands_for="TinyLlama/TinyLlama-1.1B-Chat-v1.0", options=TINY_CHAT),
     ModelSpec(id="tiny-qwen2", modality="chat", label="Tiny Qwen2 (random weights)",
-              build="studio.tiny.text:build_qwen2", loader="studio.backends.chat:load_causal_lm", params=200_000,
-              stands_for="Qwen/Qwen2.5-0.5B-Instruct",
+              build="studio.tiny.text:build_qwen2", loader="studio.backends.chat:load_causal_lm", family="causal-lm",
+              params=200_000, stands_for="Qwen/Qwen2.5-0.5B-Instruct",
               options={**TINY_CHAT, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}),
     ModelSpec(id="tiny-bark", modality="text-to-speech", label="Tiny Bark (random weights)",
-              build="studio.tiny.speech:build_bark", loader="studio.backends.speech:load_bark", params=45_000_000,
-              stands_for="suno/bark-small",
+              build="studio.tiny.speech:build_bark", loader="studio.backends.speech:load_bark", family="bark",
+              params=45_000_000, stands_for="suno/bark-small",
               options={"max_piece_chars": 200, "cues": True, "semantic_max_new_tokens": 16}),
     ModelSpec(id="tiny-vits", modality="text-to-speech", label="Tiny VITS / MMS-TTS (random weights)",
-              build="studio.tiny.speech:build_vits", loader="studio.backends.speech:load_vits", params=500_000,
-              stands_for="facebook/mms-tts-eng"),
+              build="studio.tiny.speech:build_vits", loader="studio.backends.speech:load_vits", family="vits",
+              params=500_000, stands_for="facebook/mms-tts-eng"),
     PIPER,
     ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)",
               build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
@@ -111,7 +108,7 @@ TINY_MODELS = (
 
 def hub_reachable(timeout: float = 2.0) -> bool:
     """One TCP connect to the Hub, made only when a real model would have to be downloaded."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub.offline():
         return False
     from huggingface_hub import constants
 

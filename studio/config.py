@@ -65,6 +65,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     mcp: bool = False
     providers: Path | None = None  # external OpenAI-compatible providers (YAML)
+    models_file: Path = Path("models.yaml")  # the user catalog (read when present, written by the model manager)
+    models_dir: Path = Path("models")  # drop-in folders: models/<modality>/...
     load_timeout: float = 300.0  # seconds a request waits for memory while every model is in use
     concurrency: int = 1  # generations at once per model
     max_batch: int = 16  # sequences a chat model decodes together (continuous batching)
@@ -124,6 +126,12 @@ def build_parser(env: dict) -> argparse.ArgumentParser:
       help="expose generation as MCP tools (env STUDIO_MCP or GRADIO_MCP_SERVER)")
     a("--providers", default=_env(env, "STUDIO_PROVIDERS"),
       help="YAML file of external OpenAI-compatible providers (env STUDIO_PROVIDERS)")
+    a("--models", default=_env(env, "STUDIO_MODELS"),
+      help="YAML user catalog of extra models (env STUDIO_MODELS; default models.yaml, /data/models.yaml on "
+           "Spaces with storage; read when present, written when a model is added)")
+    a("--models-dir", default=_env(env, "STUDIO_MODELS_DIR"),
+      help="drop-in folder with a subfolder per modality, e.g. models/chat/<model folder> (env STUDIO_MODELS_DIR; "
+           "default models/, /data/models on Spaces with storage)")
     a("--load-timeout", default=_env(env, "STUDIO_LOAD_TIMEOUT", default="300"),
       help="seconds a request waits for memory while every resident model is busy (env STUDIO_LOAD_TIMEOUT)")
     a("--concurrency", default=_env(env, "STUDIO_CONCURRENCY", default="1"),
@@ -179,16 +187,20 @@ def _auth(value: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def _persistent() -> bool:
-    return SPACES_DATA.is_dir() and os.access(SPACES_DATA, os.W_OK)
+def _on_storage(name: str, local: str | None = None) -> Path:
+    """`name` under a Space's persistent storage when there is one, else `local` (default `name`) in the working
+    directory."""
+    if SPACES_DATA.is_dir() and os.access(SPACES_DATA, os.W_OK):
+        return SPACES_DATA / name
+    return Path(local or name)
 
 
 def default_log_dir() -> Path:
-    return SPACES_DATA / "logs" if _persistent() else Path("logs")
+    return _on_storage("logs")
 
 
 def default_video_dir() -> Path:
-    return SPACES_DATA / "videos" if _persistent() else Path("outputs/videos")
+    return _on_storage("videos", "outputs/videos")
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -> Settings:
@@ -214,6 +226,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         api_keys=tuple(k.strip() for k in api_keys),
         mcp=ns.mcp,
         providers=Path(ns.providers) if ns.providers else None,
+        models_file=Path(ns.models) if ns.models else _on_storage("models.yaml"),
+        models_dir=Path(ns.models_dir) if ns.models_dir else _on_storage("models"),
         load_timeout=_number("--load-timeout", ns.load_timeout, float, 0.1),
         concurrency=_number("--concurrency", ns.concurrency, int, 1, 64),
         max_batch=_number("--max-batch", ns.max_batch, int, 1, 256),
@@ -226,6 +240,10 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
                           "anyone and fail for everyone; use one of --mcp and --auth")
     if settings.providers and not settings.providers.is_file():
         raise ConfigError(f"--providers: {settings.providers} is not a file")
+    if settings.models_file.is_dir() or settings.models_dir.is_file():
+        raise ConfigError(f"--models: {settings.models_file} is a folder; --models names a YAML file"
+                          if settings.models_file.is_dir() else
+                          f"--models-dir: {settings.models_dir} is a file; --models-dir names a folder")
     if settings.share and not settings.auth and not settings.allow_public:
         raise ConfigError(
             "--share: a public link exposes every endpoint and this machine's accelerator to anyone who has it; "

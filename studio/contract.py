@@ -9,8 +9,10 @@ only translate their input into the typed request; the service validates it, onc
 
 from __future__ import annotations
 
+import json
 import secrets
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Iterable, Mapping, TypeVar
 
 SEED_RANGE = 2**32  # seeds are 0 .. 2**32 - 1 in every modality, as in AUTOMATIC1111
@@ -128,3 +130,17 @@ class Family:
     loader: str  # "module:function" with the loader signature (spec, path, device, dtype)
     options: Mapping[str, Any] = field(default_factory=dict)  # its defaults and caps, over the modality's own
     dtypes: Mapping[str, str] | None = None  # its dtype per device; None: float32 everywhere
+
+
+class UnsupportedModel(ValueError):
+    """Files a modality's `detect` recognises as its kind of model but cannot serve, with the reason (a causal
+    LM without a chat template, a voice that needs a separate vocoder): the user hears why, not just "unknown"."""
+
+
+def config_json(folder: Path, name: str = "config.json") -> dict | None:
+    """A folder's JSON config (what most `detect`s read first); None when it is missing or not a JSON object."""
+    try:
+        data = json.loads((Path(folder) / name).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -13,6 +13,8 @@ from typing import Any, Callable, TypeVar
 import psutil
 import torch
 
+from studio.quantization import state_bytes
+
 F = TypeVar("F", bound=Callable)
 
 # Loading weights patches torch process-wide while it runs: peft's low-memory adapter loading swaps
@@ -61,7 +63,8 @@ def module_bytes(obj: object) -> int:
     """Parameter and buffer bytes of every torch module reachable from a loaded model.
 
     Looks into torch modules, diffusers pipelines (their `components`), dataclasses and dicts; tensors
-    shared between modules (tied weights) count once.
+    shared between modules (tied weights) count once; bitsandbytes' scales, kept beside a weight's storage, count
+    too (`quantization.state_bytes`).
     """
     seen: set[int] = set()
     total = 0
@@ -69,7 +72,7 @@ def module_bytes(obj: object) -> int:
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
-                total += tensor.numel() * tensor.element_size()
+                total += tensor.numel() * tensor.element_size() + state_bytes(tensor)
     return total
 
 

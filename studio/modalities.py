@@ -110,11 +110,12 @@ def built_in(name: str, module: str, title: str, options: str, *, external: bool
                     gpu_seconds=f"{backend}:gpu_seconds", **fields)
 
 
-register(built_in("chat", "chat", "Chat", "ChatOptions", columns=("prompt_tokens", "completion_tokens"),
+register(built_in("chat", "chat", "Chat", "ChatOptions", detect="studio.backends.chat:detect",
+                  columns=("prompt_tokens", "completion_tokens"),
                   totals=(Total("replies"), Total("tokens in", "prompt_tokens"),
                           Total("tokens out", "completion_tokens"))))
 register(built_in("text-to-speech", "speech", "Speech", "SpeechOptions", subtitle="Text to speech",
-                  columns=("audio_seconds", "pieces"),
+                  detect="studio.backends.speech:detect", columns=("audio_seconds", "pieces"),
                   totals=(Total("clips"), Total("audio seconds", "audio_seconds"))))
 register(built_in("image", "image", "Image", "ImageOptions", columns=("images", "output_pixels"),
                   totals=(Total("images", "images"),)))

@@ -12,40 +12,35 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 import httpx
-import yaml
 
-from studio import modalities
 from studio.config import ConfigError
+from studio.entries import MODEL_KEYS, flag, load, mapping, model_entry, number, text
 from studio.registry import ModelSpec, Provider, Registry
 
 logger = logging.getLogger(__name__)
 
 PROVIDER_KEYS = {"name", "base_url", "api_key_env", "timeout", "max_retries", "extensions", "models"}
-MODEL_KEYS = {"id", "name", "modality", "label", "options"}
+PROVIDER_MODEL_KEYS = MODEL_KEYS | {"name"}  # the provider's name for the model
 
 
 def read_config(path: Path) -> list[ModelSpec]:
     """Parse the providers file into external ModelSpecs; raises ConfigError naming the bad entry."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--providers: cannot read {path}: {exc}") from None
+    data = load(path, "--providers")
     if not isinstance(data, list) or not data:
         raise ConfigError(f"--providers: {path} must hold a YAML list of providers (see README)")
     specs: list[ModelSpec] = []
-    for number, item in enumerate(data, 1):
-        where = f"--providers: {path}: provider {number}"
+    for index, item in enumerate(data, 1):
+        where = f"--providers: {path}: provider {index}"
         entry = mapping(item, where, PROVIDER_KEYS)
         provider = Provider(
             name=text(entry, "name", where),
             base_url=text(entry, "base_url", where).rstrip("/"),
             api_key_env=text(entry, "api_key_env", where, required=False),
-            timeout=_number(entry, "timeout", where, Provider.timeout),
-            max_retries=int(_number(entry, "max_retries", where, Provider.max_retries)),
-            extensions=_flag(entry, "extensions", where),
+            timeout=number(entry, "timeout", where, Provider.timeout),
+            max_retries=int(number(entry, "max_retries", where, Provider.max_retries)),
+            extensions=flag(entry, "extensions", where),
         )
         if not provider.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}: base_url must start with http:// or https://, got {provider.base_url!r}")
@@ -54,70 +49,16 @@ def read_config(path: Path) -> list[ModelSpec]:
             raise ConfigError(f"{where} ({provider.name}): models must be a non-empty list")
         for model_number, model in enumerate(models, 1):
             model_where = f"{where} ({provider.name}), model {model_number}"
-            specs.append(_spec(provider, mapping(model, model_where, MODEL_KEYS), model_where))
+            specs.append(_spec(provider, mapping(model, model_where, PROVIDER_MODEL_KEYS), model_where))
     return specs
 
 
 def _spec(provider: Provider, entry: dict, where: str) -> ModelSpec:
-    model_id = text(entry, "id", where)
-    kind = modality(entry, where, external=True)
-    remote = text(entry, "name", where, required=False) or model_id
-    label = text(entry, "label", where, required=False) or remote
-    return ModelSpec(id=model_id, modality=kind.name, label=f"{label} · {provider.name} (external)",
-                     loader=kind.connect, params=0, provider=provider, remote=remote,
-                     options=options(entry, kind, where))
-
-
-def modality(entry: dict, where: str, external: bool = False) -> modalities.Modality:
-    """The entry's registered modality (external: one that providers can serve)."""
-    name = text(entry, "modality", where)
-    offered = [m.name for m in modalities.registered() if m.connect or not external]
-    if name not in offered:
-        raise ConfigError(f"{where}: modality {name!r} is not one of {', '.join(offered)}")
-    return modalities.get(name)
-
-
-def options(entry: dict, kind: modalities.Modality, where: str) -> dict:
-    """The entry's `options`, checked against its modality's option names."""
-    values = entry.get("options") or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: options must be a mapping")
-    problems = modalities.resolve(kind.options).problems(values)
-    if problems:
-        raise ConfigError(f"{where}: options.{problems[0]}")
-    return values
-
-
-def mapping(item: Any, where: str, keys: set[str]) -> dict:
-    if not isinstance(item, dict):
-        raise ConfigError(f"{where}: expected a mapping with {', '.join(sorted(keys))}")
-    unknown = sorted(set(item) - keys)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(keys))}")
-    return item
-
-
-def text(entry: dict, key: str, where: str, required: bool = True) -> str | None:
-    value = entry.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, (str, int)) or isinstance(value, bool) or not str(value).strip():
-        raise ConfigError(f"{where}: {key} must be a non-empty string")
-    return str(value).strip()
-
-
-def _number(entry: dict, key: str, where: str, default: float) -> float:
-    value = entry.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(f"{where}: {key} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
-def _flag(entry: dict, key: str, where: str) -> bool:
-    value = entry.get(key, False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
-    return value
+    model = model_entry(entry, where, external=True)
+    remote = text(entry, "name", where, required=False) or model.id
+    return ModelSpec(id=model.id, modality=model.modality.name,
+                     label=f"{model.label or remote} · {provider.name} (external)", loader=model.modality.connect,
+                     params=0, provider=provider, remote=remote, options=model.options, origin="external")
 
 
 def register(registry: Registry, path: Path) -> list[ModelSpec]:

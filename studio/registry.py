@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -12,6 +13,9 @@ from studio import modalities
 from studio.contract import UnknownModelError
 
 FP32 = {"cuda": "float32", "mps": "float32", "cpu": "float32"}
+GPU_HALF = {"cuda": "float16", "mps": "float16", "cpu": "float32"}
+GPU_BF16 = {"cuda": "bfloat16", "mps": "float16", "cpu": "bfloat16"}
+ORIGINS = ("built-in", "catalog", "drop-in", "external")  # where an entry comes from (the model manager shows it)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,11 @@ class Source:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model entry. `options` override its modality's defaults and caps (see `ModelOptions.of`)."""
+    """One model entry. `options` override its modality's defaults and caps (see `ModelOptions.of`).
+
+    Its weights come from one of: a Hub repo (`repo`), a local folder in a Hub repo's layout or a single-file
+    checkpoint (`path`), a tiny-profile build (`build`), a Python package (none of these: the loader knows), or an
+    external provider."""
 
     id: str
     modality: str  # a registered modality's name (studio.modalities)
@@ -49,6 +57,7 @@ class ModelSpec:
     params: int  # parameter count, for the size estimate before the weights are on disk
     repo: str | None = None  # Hugging Face Hub repo id
     revision: str = "main"
+    path: str | None = None  # a local folder in a Hub repo's layout, or a single file
     skip: tuple[str, ...] = ()  # files of `repo` the model never reads (Hub glob patterns; see Source.skip)
     # More repositories, each put in a subfolder of the model's folder: {"motion_adapter": Source(...)}
     parts: Mapping[str, Source] = field(default_factory=dict)
@@ -58,6 +67,9 @@ class ModelSpec:
     provider: Provider | None = None  # served by this external provider instead of a local load
     remote: str | None = None  # the provider's name for the model
     options: Mapping[str, Any] = field(default_factory=dict)
+    family: str | None = None  # the `studio.contract.Family` its files were recognised as (user models)
+    quantize: str | None = None  # one of studio.quantization.QUANTIZE_CHOICES
+    origin: str = "built-in"  # one of ORIGINS
 
     def sources(self) -> dict[str, Source]:
         """Where the files come from: {subfolder ("" for the model's own folder): Source}; empty for a model built
@@ -77,6 +89,8 @@ class ModelSpec:
     def source(self) -> str:
         if self.provider:
             return f"{self.provider.name} ({self.provider.base_url})"
+        if self.path:
+            return self.path
         if self.repo:
             return " + ".join([f"{self.repo}@{self.revision}",
                                *(f"{p.repo}@{p.revision} in {sub}/" for sub, p in self.parts.items())])
@@ -84,26 +98,38 @@ class ModelSpec:
 
 
 class Registry:
-    """The models of the active profile, by id; external providers add theirs at start-up."""
+    """The models of the active profile, by id; external providers, the user catalog and the drop-in folders add
+    theirs at start-up, the model manager while the studio runs (so readers iterate over a copy)."""
 
     def __init__(self, name: str, specs: Iterable[ModelSpec]):
         self.name = name
         self._specs: dict[str, ModelSpec] = {}
+        self._lock = threading.Lock()
         for spec in specs:
             self.add(spec)
 
     def add(self, spec: ModelSpec) -> None:
-        if spec.id in self._specs:
-            raise ValueError(f"model id {spec.id!r} is registered twice")
         if spec.modality not in modalities.names():
             raise ValueError(f"model {spec.id!r}: modality {spec.modality!r} is not one of "
                              f"{', '.join(modalities.names())}")
-        self._specs[spec.id] = spec
+        with self._lock:
+            if spec.id in self._specs:
+                raise ValueError(f"model id {spec.id!r} is registered twice")
+            self._specs[spec.id] = spec
 
     def replace(self, spec: ModelSpec) -> None:
         """Put an updated entry in place of the one with the same id (an external model's limits, read late)."""
         self.get(spec.id)
-        self._specs[spec.id] = spec
+        with self._lock:
+            self._specs[spec.id] = spec
+
+    def remove(self, model_id: str) -> ModelSpec:
+        """Take an entry out (the model manager's Remove, a drop-in file that went away)."""
+        with self._lock:
+            spec = self._specs.pop(model_id, None)
+        if spec is None:
+            raise UnknownModelError(str(model_id), list(self._specs))
+        return spec
 
     def get(self, model_id: str) -> ModelSpec:
         try:
@@ -112,10 +138,11 @@ class Registry:
             raise UnknownModelError(str(model_id), self._specs) from None
 
     def of(self, modality: str) -> list[ModelSpec]:
-        return [s for s in self._specs.values() if s.modality == modality]
+        return [s for s in self if s.modality == modality]
 
     def __iter__(self):
-        return iter(self._specs.values())
+        with self._lock:
+            return iter(list(self._specs.values()))
 
     def __contains__(self, model_id: str) -> bool:
         return model_id in self._specs

@@ -10,11 +10,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
-from studio import devices, modalities, providers
+from studio import devices, modalities, providers, usermodels
 from studio.cache import Lease, ModelCache
 from studio.config import ConfigError, Settings, format_size
 from studio.contract import InputError
 from studio.catalog import select_profile
+from studio.manager import ModelManager
 from studio.registry import ModelSpec, Registry
 from studio.telemetry import logreader
 from studio.telemetry.metrics import Metrics
@@ -56,10 +57,15 @@ class Studio:
     cache: ModelCache
     log: RequestLog
     notice: str | None = None  # why the studio fell back to the tiny profile, shown as a banner
+    manager: ModelManager = None  # type: ignore[assignment]  # made from the rest when not given
     metrics: Metrics = field(default_factory=Metrics, repr=False)
     _slots: dict[str, threading.BoundedSemaphore] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _asked: set[str] = field(default_factory=set, repr=False)  # providers whose models' limits were read
+
+    def __post_init__(self) -> None:
+        if self.manager is None:
+            self.manager = ModelManager(self.registry, self.cache, self.settings)
 
     @property
     def device(self) -> str:
@@ -128,17 +134,21 @@ def create_studio(settings: Settings) -> Studio:
     choice = select_profile(settings.profile)
     if settings.providers:
         providers.register(choice.registry, settings.providers)
+    problems = usermodels.register_catalog(choice.registry, settings.models_file, device)
+    usermodels.log_problems(problems)
+    budget = settings.memory_budget or devices.default_budget(device)
+    cache = ModelCache(choice.registry, budget=budget, device=device, strategy=settings.strategy,
+                       load_timeout=settings.load_timeout, max_batch=settings.max_batch)
+    manager = ModelManager(choice.registry, cache, settings, problems)
+    manager.refresh()  # the drop-in folders
     unknown = [m for m in settings.preload if m not in choice.registry]
     if unknown:
         known = ", ".join(spec.id for spec in choice.registry)
         raise ConfigError(f"--preload: unknown model {unknown[0]!r} in the {choice.registry.name} profile; known: {known}")
-    budget = settings.memory_budget or devices.default_budget(device)
-    cache = ModelCache(choice.registry, budget=budget, device=device, strategy=settings.strategy,
-                       load_timeout=settings.load_timeout, max_batch=settings.max_batch)
     log = RequestLog(settings.log_dir, log_prompts=settings.log_prompts, device=device,
                      finished_day=logreader.compile_day)
     cache.add_listener(log.cache_event)
-    studio = Studio(settings, choice.registry, cache, log, choice.notice)
+    studio = Studio(settings, choice.registry, cache, log, choice.notice, manager=manager)
     studio.metrics.watch(cache, log)
     return studio
 

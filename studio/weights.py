@@ -1,29 +1,32 @@
-"""Getting a model's weights onto the local disk, and sizing them before they are loaded.
+"""Getting a model's weights onto the local disk, sizing them before they are loaded, and what they take on disk.
 
-Real models come from the Hugging Face cache; the Hub is contacted only when the files are not cached yet
-(then the download shows tqdm progress, which the UI mirrors). Tiny-profile models are built on first use.
+Weights come from the Hugging Face cache (studio.hub: the Hub is contacted only when the files are not cached
+yet, and then the download shows tqdm progress, which the UI mirrors), a local folder or file (a user's model),
+a tiny-profile build (made on first use) or a Python package (the bundled Piper voice).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import struct
 import tempfile
+import threading
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
+from studio import hub
 from studio.modalities import resolve
+from studio.quantization import estimated_bytes, folder_bytes, header, model_bytes
 from studio.registry import ModelSpec, Source, tiny_root
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "float64": 8}
-# Files the studio never needs (other frameworks' copies of the same weights, original training checkpoints).
-IGNORE = ["*.ckpt", "*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.mlmodel", "*.pth",
-          "*.gguf", "*.nemo", "flax_model*", "tf_model*", "rust_model*", "coreml/*", "onnx/*", "openvino/*"]
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gguf")
 BUILD_MARK = ".complete"
+
+_remote: dict[tuple, int | None] = {}  # Hub estimates by (repo, revision, quantize, dtype): asked once
+_remote_lock = threading.Lock()
 
 
 class DamagedWeights(ValueError):
@@ -34,34 +37,50 @@ class WeightsUnavailable(RuntimeError):
     """The model's files are not on disk and cannot be fetched."""
 
 
+def local_files(spec: ModelSpec) -> Path | None:
+    """Where the model's files are on this disk, complete; None when they are not (or it has none: bundled or
+    external). A model made of several repositories (`ModelSpec.parts`) gets one folder of links to their
+    snapshots, laid out as its loader reads it."""
+    if spec.build:
+        folder = tiny_root() / spec.id
+        return folder if (folder / BUILD_MARK).exists() else None
+    if spec.path:
+        return Path(spec.path) if Path(spec.path).exists() else None
+    sources = spec.sources()
+    folders = {sub: _cached(source) for sub, source in sources.items()}
+    if not folders or None in folders.values():
+        return None
+    return _joined(spec, folders)
+
+
 def is_cached(spec: ModelSpec) -> bool:
-    """Every repository of the model is in the Hugging Face cache with the files it reads (no network)."""
-    return all(_cached(source) is not None for source in spec.sources().values())
+    """Whether loading the model needs no download (bundled and external models have nothing to fetch)."""
+    return not (spec.build or spec.path or spec.repo) or local_files(spec) is not None
 
 
 def ensure_local(spec: ModelSpec) -> Path | None:
-    """The folder holding the model's files, downloading or building them if needed (None: bundled model).
-
-    A model made of several repositories (`ModelSpec.parts`) gets one folder of links to their snapshots, laid
-    out as its loader reads it."""
+    """The folder (or file) holding the model's files, downloading or building them if needed (None: bundled)."""
     if spec.build:
         return _build_tiny(spec)
+    found = local_files(spec)
+    if found is not None:
+        return found
+    if spec.path:
+        raise WeightsUnavailable(f"{spec.path} is gone (it was there when the model was added)")
     sources = spec.sources()
     if not sources:
         return None
-    folders = {sub: _snapshot(source) for sub, source in sources.items()}
+    return _joined(spec, {sub: _snapshot(source) for sub, source in sources.items()})
+
+
+def _joined(spec: ModelSpec, folders: dict[str, Path]) -> Path:
     return folders[""] if len(folders) == 1 else _assemble(spec, folders)
 
 
 def _cached(source: Source) -> Path | None:
     """The source's snapshot when it is cached with every pipeline component the model reads, else None."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(source.repo, revision=source.revision, local_files_only=True))
-    except Exception:  # LocalEntryNotFoundError and friends: simply not cached
-        return None
-    return folder if _complete(folder, source.skip) else None
+    folder = hub.snapshot(source.repo, source.revision, source.skip)
+    return folder if folder is not None and _complete(folder, source.skip) else None
 
 
 def _complete(folder: Path, skip: tuple[str, ...]) -> bool:
@@ -83,33 +102,19 @@ def skipped(path: str, skip: tuple[str, ...]) -> bool:
 
 
 def _snapshot(source: Source) -> Path:
+    """Download what the model reads of the source (other formats, variant copies and its skips left out)."""
     from huggingface_hub import snapshot_download
 
     folder = _cached(source)
     if folder is not None:
         return folder
     try:
-        return Path(snapshot_download(source.repo, revision=source.revision, ignore_patterns=_ignore(source)))
+        _commit, files = hub.list_files(source.repo, source.revision)
+        ignore = [*hub.ignore_patterns([f.path for f in files]), *source.skip]
+        return Path(snapshot_download(source.repo, revision=source.revision, ignore_patterns=ignore))
     except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        why = "HF_HUB_OFFLINE is set and the files are not cached" if offline else f"{type(exc).__name__}: {exc}"
+        why = "HF_HUB_OFFLINE is set and the files are not cached" if hub.offline() else f"{type(exc).__name__}: {exc}"
         raise WeightsUnavailable(f"cannot fetch {source.repo} (revision {source.revision}): {why}") from exc
-
-
-def _ignore(source: Source) -> list[str]:
-    """Skip what a from_pretrained load never reads: other formats, and copies of the same weights (pickled .bin
-    twins of safetensors, fp16 / non-EMA variants, the single-file checkpoints at a diffusers repo's root), and
-    what the catalog entry says its model does not read."""
-    from huggingface_hub import HfApi
-
-    files = [s.rfilename for s in HfApi().model_info(source.repo, revision=source.revision).siblings or []]
-    ignore = [*IGNORE, *source.skip]
-    if any(f.endswith(".safetensors") for f in files):
-        ignore += ["*.bin", "*.pt"]
-    if "model_index.json" in files:  # a diffusers pipeline: its weights live in the component folders
-        ignore += [f for f in files if "/" not in f and f.endswith(".safetensors")]
-        ignore += ["*.fp16.*", "*non_ema*"]
-    return ignore
 
 
 def _assemble(spec: ModelSpec, folders: dict[str, Path]) -> Path:
@@ -165,60 +170,77 @@ def _build_once(folder: Path, spec: ModelSpec, build: Callable[[Path, ModelSpec]
     return folder
 
 
+def remove_build(spec: ModelSpec) -> None:
+    """Delete a tiny-profile build; the next use builds it again."""
+    shutil.rmtree(tiny_root() / spec.id, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- size in memory
+
+
 def safetensors_bytes(folder: Path, dtype: str) -> int:
-    """Size of every floating-point tensor in the folder's safetensors files at the target dtype.
-
-    Reads only the JSON headers, so it costs milliseconds even for gigabytes of weights. Where a folder
-    holds both full and fp16 variants, only the ones without a variant suffix count; in a diffusers pipeline
-    folder the single-file checkpoints at its root do not count either (its components are in subfolders).
-    """
-    pipeline = (folder / "model_index.json").is_file()
-    files = [f for f in folder.rglob("*.safetensors") if ".fp16." not in f.name and ".non_ema." not in f.name
-             and not (pipeline and f.parent == folder)]
-    total = 0
-    for file in files:
-        for name, info in _header(file, folder).items():
-            if name == "__metadata__":
-                continue
-            numel = 1
-            for dim in info["shape"]:
-                numel *= dim
-            is_float = info["dtype"] in ("F64", "F32", "F16", "BF16")
-            total += numel * (DTYPE_BYTES[dtype] if is_float else _stored_size(info["dtype"]))
-    return total
+    """Size of the folder's safetensors weights at the target dtype (headers only; variant copies left out)."""
+    return folder_bytes(folder, None, dtype)
 
 
-def _header(file: Path, folder: Path) -> dict:
-    """A safetensors file's JSON header (8 bytes of length, then the JSON); a damaged file is named in the error
-    by its place inside the model, not by this machine's path."""
+def local_bytes(path: Path, quantize: str | None, dtype: str) -> int:
+    """Size once loaded of a model folder or single file on this disk: from the safetensors headers, or the weight
+    files' own size where there are none (pickled .bin weights, an ONNX voice). A damaged safetensors file is a
+    `DamagedWeights` naming it: loading it would fail too, later and less clearly."""
+    path = Path(path)
     try:
-        with open(file, "rb") as fh:
-            length = struct.unpack("<Q", fh.read(8))[0]
-            if length > min(file.stat().st_size, 2**30):
-                raise ValueError("the header is longer than the file")
-            header = json.loads(fh.read(length))
-        if not isinstance(header, dict) or not all(isinstance(v, dict) and "shape" in v and "dtype" in v
-                                                   for k, v in header.items() if k != "__metadata__"):
-            raise ValueError("the header does not describe tensors")
-        return header
-    except (OSError, struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise DamagedWeights(f"{file.relative_to(folder)} is not a readable safetensors file (damaged or "
-                             f"incomplete: {exc})") from None
+        if path.is_file():
+            return estimated_bytes(header(path), None, dtype) if path.suffix == ".safetensors" else path.stat().st_size
+        measured = folder_bytes(path, quantize, dtype)
+    except ValueError as exc:
+        raise DamagedWeights(str(exc)) from None
+    return measured or sum(f.stat().st_size for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES)
 
 
-def _stored_size(code: str) -> int:
-    return {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(code, 4)
+def remote_bytes(repo: str, revision: str, quantize: str | None, dtype: str) -> int | None:
+    """Size once loaded of a Hub model that is not downloaded, from its safetensors headers on the Hub (a few
+    kilobytes per file); None when the Hub cannot tell (no safetensors, not reachable). Asked once per process."""
+    key = (repo, revision, quantize, dtype)
+    with _remote_lock:
+        if key in _remote:
+            return _remote[key]
+    try:
+        _commit, files = hub.list_files(repo, revision)
+        paths = [f.path for f in hub.wanted(files) if f.path.endswith(".safetensors")]
+        index = None
+        if any(f.path == "model_index.json" for f in files):
+            index = json.loads(hub.fetch_configs(repo, revision).joinpath("model_index.json").read_text())
+        found = model_bytes(hub.remote_tensors(repo, revision, paths), quantize, dtype, index) or None
+    except Exception:  # no network, an unknown repo, no safetensors: the caller falls back
+        found = None
+    with _remote_lock:
+        _remote[key] = found
+    return found
 
 
 def estimate_bytes(spec: ModelSpec, dtype: str) -> int:
-    """Before loading: the safetensors headers when the files are local, else the registry's parameter count."""
-    folder: Path | None = None
-    if spec.build and (tiny_root() / spec.id / BUILD_MARK).exists():
-        folder = tiny_root() / spec.id
-    elif spec.repo and is_cached(spec):
-        folder = ensure_local(spec)  # cached: no network
-    if folder is not None:
-        measured = safetensors_bytes(folder, dtype)
+    """Before loading, at `dtype` and with the entry's quantization: the local safetensors headers, else the
+    Hub's (without downloading the weights), else the registry's parameter count."""
+    found = local_files(spec)
+    if found is not None:
+        measured = local_bytes(found, spec.quantize, dtype)
         if measured:
             return measured
+    elif spec.repo and not hub.offline():
+        remote = remote_bytes(spec.repo, spec.revision, spec.quantize, dtype)
+        if remote:
+            return remote
     return spec.params * DTYPE_BYTES.get(dtype, 4)
+
+
+# ---------------------------------------------------------------------------------------------- size on disk
+
+
+def disk_bytes(spec: ModelSpec) -> int:
+    """What the model's files take on disk now (a Hub repo: its whole folder in the HF cache, finished files of
+    an interrupted download included)."""
+    if spec.repo:
+        folder = hub.repo_folder(spec.repo)
+        return hub.folder_size(folder) if folder.exists() else 0
+    found = local_files(spec) if (spec.build or spec.path) else None
+    return hub.folder_size(found) if found is not None else 0

@@ -32,9 +32,11 @@ def free_port() -> int:
 
 
 def tiny_studio(log_dir: Path, *argv: str, env: dict | None = None) -> Studio:
-    """A tiny-profile Studio from command-line style arguments, logging into `log_dir` (video jobs beside it)."""
+    """A tiny-profile Studio from command-line style arguments, logging into `log_dir`; its video jobs, user catalog
+    and drop-in folder sit beside it (never the repository's own models.yaml and models/)."""
     args = ["--profile", "tiny", "--log-dir", str(log_dir), "--video-dir", str(log_dir.parent / "videos"),
-            "--memory-budget", "2GiB", *argv]
+            "--memory-budget", "2GiB", "--models", str(log_dir.parent / "models.yaml"),
+            "--models-dir", str(log_dir.parent / "models"), *argv]
     return create_studio(parse_settings(args, env=env or {}))
 
 

@@ -261,3 +261,54 @@ def test_memory_returns_to_baseline_after_50_cycles():
     assert all(r() is None for r in refs), "an evicted model is still referenced"
     assert cache.snapshot().evictions == 50
     assert growth < 100 * MB, f"RSS grew by {growth / MB:.0f} MiB over 50 load/evict cycles of 64 MiB models"
+
+
+def test_a_model_kept_loaded_is_never_chosen_for_eviction():
+    cache, loader = make_cache(100)
+    cache.keep("a")  # loads it now
+    assert resident(cache) == ["a"] and cache.kept() == {"a"} and loader.calls == ["a"]
+    for model_id in ("b", "c", "d"):  # 40 kept + 50: b and c must go, a stays
+        with cache.use(model_id):
+            pass
+    assert resident(cache) == ["a", "d"]
+    assert cache.clear() == ["d"] and resident(cache) == ["a"]  # Free all leaves it too
+    assert [m.kept for m in cache.snapshot().models] == [True]
+
+
+def test_a_load_that_only_kept_models_stand_in_the_way_of_is_refused_at_once():
+    cache, _ = make_cache(100, load_timeout=30)
+    cache.keep("a")
+    cache.keep("b")
+    started = time.monotonic()
+    with pytest.raises(ModelTooLarge, match=r"d needs about 50.00 MiB, but models kept loaded \(a, b\) hold 70.00 MiB"):
+        with cache.use("d"):
+            pass
+    assert time.monotonic() - started < 10  # not the 30 s a busy cache waits
+    cache.keep("b", False)
+    with cache.use("d"):  # b is an ordinary idle model again: evicted for d
+        pass
+    assert resident(cache) == ["a", "d"]
+
+
+def test_an_explicit_unload_frees_a_kept_model_and_a_failed_keep_keeps_nothing():
+    cache, loader = make_cache(100)
+    cache.keep("a")
+    assert cache.unload("a") and cache.kept() == set() and resident(cache) == []
+    loader.fail.add("b")
+    with pytest.raises(ModelLoadError):
+        cache.keep("b")
+    assert cache.kept() == set()
+    with pytest.raises(UnknownModelError):
+        cache.keep("nope")
+
+
+def test_swap_does_not_free_a_kept_model_and_last_use_outlives_eviction():
+    cache, _ = make_cache(100, strategy="swap")
+    cache.keep("a")
+    with cache.use("a"):
+        pass
+    with cache.use("b"):
+        pass
+    assert resident(cache) == ["a"]
+    used = cache.last_used()
+    assert set(used) == {"a", "b"} and used["b"] >= used["a"] > time.time() - 60

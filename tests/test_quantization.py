@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from studio import quantization as sizes
 from studio.backends import quantization
-from studio.backends.quantization import Int8Linear, QuantizationError, check
+from studio.backends.quantization import Int8Linear
+from studio.quantization import QuantizationError, check
 from studio.devices import module_bytes
 from studio.tiny.image import build_stable_diffusion, random_lora
 from studio.tiny.text import build_llama, build_qwen2
@@ -64,8 +66,8 @@ def test_int8_chat_model_generates_smaller_and_sized_before_loading(chat_folders
 
     measured = module_bytes(int8)
     assert measured < 0.7 * module_bytes(full)
-    assert quantization.folder_bytes(folder, "int8", dtype) == pytest.approx(measured, rel=0.1)
-    assert quantization.folder_bytes(folder, None, dtype) == pytest.approx(module_bytes(full), rel=0.1)
+    assert sizes.folder_bytes(folder, "int8", dtype) == pytest.approx(measured, rel=0.1)
+    assert sizes.folder_bytes(folder, None, dtype) == pytest.approx(module_bytes(full), rel=0.1)
 
 
 def test_a_tied_output_head_is_left_shared(chat_folders):
@@ -107,7 +109,7 @@ def test_int8_image_pipeline_denoiser_draws_the_same_picture_and_takes_loras(sd_
 
     measured = module_bytes(pipe)
     assert module_bytes(pipe.unet) < 0.8 * module_bytes(full.unet)
-    assert quantization.folder_bytes(sd_folder, "int8", "float32") == pytest.approx(measured, rel=0.1)
+    assert sizes.folder_bytes(sd_folder, "int8", "float32") == pytest.approx(measured, rel=0.1)
 
     lora = random_lora(sd_folder.parent / "lora.safetensors", pipe.unet, pipe.text_encoder, strength=0.5)
     for p in (full, pipe):
@@ -159,19 +161,19 @@ def test_size_estimate_quantizes_linear_weights_only():
     tensors = [("model.embed_tokens.weight", [1000, 64], "BF16"), ("model.norm.weight", [64], "BF16"),
                ("model.layers.0.mlp.up_proj.weight", [256, 64], "BF16"), ("lm_head.weight", [1000, 64], "BF16"),
                ("model.position_ids", [1, 64], "I64")]
-    full = quantization.estimated_bytes(tensors, None, "bfloat16")
+    full = sizes.estimated_bytes(tensors, None, "bfloat16")
     assert full == 2 * (1000 * 64 + 64 + 256 * 64 + 1000 * 64) + 8 * 64
     # int8: a byte per linear weight and a scale per row, the output head included
-    assert quantization.estimated_bytes(tensors, "int8", "bfloat16") == full - (256 + 1000) * 64 + 2 * (256 + 1000)
+    assert sizes.estimated_bytes(tensors, "int8", "bfloat16") == full - (256 + 1000) * 64 + 2 * (256 + 1000)
     # bitsandbytes keeps lm_head at the dtype
-    assert quantization.estimated_bytes(tensors, "8bit", "bfloat16") == full - 256 * 64 + 4 * 256
-    assert quantization.estimated_bytes(tensors, "4bit", "bfloat16") < full - 256 * 64 * 1.4
+    assert sizes.estimated_bytes(tensors, "8bit", "bfloat16") == full - 256 * 64 + 4 * 256
+    assert sizes.estimated_bytes(tensors, "4bit", "bfloat16") < full - 256 * 64 * 1.4
 
 
 @pytest.mark.parametrize("quantize", ["8bit", "4bit"])
 def test_bitsandbytes_bytes_are_measured_and_estimated(quantize):
     """bitsandbytes quantizes on the CPU too (the studio only serves it on CUDA): its scales live outside the
-    weight's storage, and the estimate counts them."""
+    weight's storage, and both the measurement and the estimate count them."""
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
     weight = torch.randn(512, 256, dtype=torch.bfloat16)
@@ -183,7 +185,8 @@ def test_bitsandbytes_bytes_are_measured_and_estimated(quantize):
                                   compress_statistics=True)
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
     layer = layer.to("cpu")  # quantizes
-    assert quantization.state_bytes(layer.weight) > 0
-    measured = module_bytes(layer) + quantization.state_bytes(layer.weight)
-    assert quantization.estimated_bytes([("proj.weight", [512, 256], "BF16")], quantize, "bfloat16") == measured
-    assert quantization.state_bytes(torch.zeros(3)) == 0
+    assert sizes.state_bytes(layer.weight) > 0
+    measured = module_bytes(layer)  # the cache's measurement counts the scales kept beside the weight
+    assert measured == layer.weight.numel() * layer.weight.element_size() + sizes.state_bytes(layer.weight)
+    assert sizes.estimated_bytes([("proj.weight", [512, 256], "BF16")], quantize, "bfloat16") == measured
+    assert sizes.state_bytes(torch.zeros(3)) == 0

@@ -22,8 +22,10 @@ STUDIO = Path(__file__).resolve().parents[1] / "studio"
 # Bottom to top: a module may import from its own layer and the layers below, never from one above.
 LAYERS = [
     ("foundation", ("studio.config", "studio.contract", "studio.modalities", "studio.registry", "studio.devices",
-                    "studio.spaces", "studio.weights", "studio.catalog", "studio.providers")),
+                    "studio.spaces", "studio.quantization", "studio.hub", "studio.weights", "studio.catalog",
+                    "studio.entries", "studio.providers", "studio.usermodels")),
     ("cache", ("studio.cache",)),
+    ("model manager", ("studio.manager",)),
     ("telemetry", ("studio.telemetry",)),
     ("runtime", ("studio.runtime",)),
     ("backends", ("studio.backends", "studio.tiny")),

@@ -1,7 +1,8 @@
 """How the studio's errors become HTTP answers.
 
 Only input errors are the client's: `InputError` (422, or 400 from the OpenAI-compatible routes), an unknown model
-(404), a model too large for the budget (413) and a busy cache (503); a provider's failure keeps its own status.
+(404), a model too large for the budget (413), a busy cache (503) and a download that would not fit on the
+disk (507); a provider's failure keeps its own status.
 Each answer is one plain sentence that starts with the field, e.g. `{"detail": "steps: must be from 1 to 4 for
 sd-turbo", "field": "steps"}`. Anything else is an internal error: the request-id middleware answers 500 with the
 request id and logs the traceback (studio.telemetry.middleware).
@@ -19,6 +20,7 @@ from pydantic import BaseModel
 from studio.backends.remote import ProviderError
 from studio.cache import CacheBusy, CacheError, ModelTooLarge
 from studio.contract import InputError, UnknownModelError
+from studio.manager import NotEnoughDisk
 from studio.telemetry.middleware import internal_message
 
 logger = logging.getLogger("studio.api")
@@ -48,6 +50,8 @@ def status_of(exc: Exception) -> int:
         return exc.status
     if isinstance(exc, ModelTooLarge):
         return 413
+    if isinstance(exc, NotEnoughDisk):
+        return 507
     return 503 if isinstance(exc, CacheBusy) else 502
 
 

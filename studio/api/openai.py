@@ -139,6 +139,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str  # "studio" for local models, the provider's name for external ones
     modality: str
+    family: str | None = None  # how it loads (causal-lm, vits, bark, piper, ...); None where the entry does not say
     external: bool
     label: str
     voices: list[str] | None = None  # text-to-speech models: the values `voice` takes
@@ -153,7 +154,7 @@ class ModelList(BaseModel):
 def card(spec: ModelSpec) -> ModelCard:
     options = asdict(modalities.resolve(modalities.get(spec.modality).options).of(spec))
     return ModelCard(id=spec.id, owned_by=spec.provider.name if spec.provider else "studio", modality=spec.modality,
-                     external=spec.external, label=spec.label, voices=options.get("voices"),
+                     family=spec.family, external=spec.external, label=spec.label, voices=options.get("voices"),
                      options={k: v for k, v in options.items() if v is not None})
 
 

@@ -22,16 +22,19 @@ from typing import Callable, Iterator, Protocol
 
 import openai
 import torch
+import transformers
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextStreamer
 from transformers.generation import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.streamers import BaseStreamer
 
 from studio import devices
+from studio.backends import quantization
 from studio.backends.batching import BatchEngine, EngineBusy, EngineClosed, SamplingParams
 from studio.backends.remote import ProviderClient, calling, connect_client
 from studio.cache import CacheBusy, Workspace
-from studio.contract import InputError, ModelOptions, check_range, check_seed, check_text, pick_seed, require
-from studio.registry import ModelSpec
+from studio.contract import (Family, InputError, ModelOptions, UnsupportedModel, check_range, check_seed, check_text,
+                             config_json, pick_seed, require)
+from studio.registry import GPU_BF16, ModelSpec
 from studio.runtime import Call, Studio
 
 ROLES = ("system", "user", "assistant")
@@ -202,12 +205,60 @@ def complete_chat(studio: Studio, req: ChatRequest, call: Call) -> ChatResult:
 
 # ---------------------------------------------------------------------------------------------- local models
 
+CAUSAL_LM = Family("causal-lm", "Causal language model with a chat template (transformers)",
+                   "studio.backends.chat:load_causal_lm", dtypes=GPU_BF16)
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "additional_chat_templates")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def detect(path: Path) -> Family | None:
+    """Any causal LM transformers loads (`AutoModelForCausalLM`, from config.json's architecture), if it has a
+    chat template. One without a template (a base model) is refused rather than given a made-up one: the studio
+    is a chat, and a base model answers a template it was not trained on with noise."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES)
+
+    config = config_json(path) if path.is_dir() else None
+    if config is None:
+        return None
+    architectures = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    model_type = config.get("model_type")
+    if architectures:
+        causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+        if not any(a in causal or a.endswith("ForCausalLM") for a in architectures):
+            return None
+    elif model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type in MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES:
+        return None
+    name = architectures[0] if architectures else model_type
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModel(f"{name} is not built into transformers {transformers.__version__} (the model ships "
+                               "its own code, which the studio does not run: no trust_remote_code)")
+    if not any((path / file).exists() for file in TOKENIZER_FILES):
+        raise UnsupportedModel(f"{name} comes without a tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    tokenizer = config_json(path, "tokenizer_config.json") or {}
+    if not (tokenizer.get("chat_template") or any((path / file).exists() for file in TEMPLATE_FILES)):
+        raise UnsupportedModel(f"{name} has no chat template: it is a base (pre-trained) model, not a chat "
+                               "model; pick its instruct / chat version, or add a chat_template to its "
+                               "tokenizer_config.json")
+    context = config.get("max_position_embeddings") or (config.get("text_config") or {}).get(
+        "max_position_embeddings")
+    if not isinstance(context, int) or context <= 0:
+        return CAUSAL_LM
+    # The reply's cap and default leave room for the conversation in a small context window.
+    defaults = ChatOptions()
+    return replace(CAUSAL_LM, options={"context_length": context,
+                                       "max_new_tokens": min(defaults.max_new_tokens, context // 2),
+                                       "default_max_new_tokens": min(defaults.default_max_new_tokens, context // 4)})
+
 
 def load_causal_lm(spec: ModelSpec, path: Path, device: str, dtype: str) -> TransformersChat:
+    """A causal LM and its tokenizer, quantized as its catalog entry asks (studio.backends.quantization)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), **quantization.from_pretrained_kwargs(spec.quantize, device, dtype))
+    model = quantization.apply(model, spec.quantize, device).eval()
     context = ChatOptions.of(spec).context_length or getattr(model.config, "max_position_embeddings", 2048)
     return TransformersChat(model, tokenizer, int(context))
 

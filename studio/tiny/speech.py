@@ -1,6 +1,8 @@
-"""Tiny speech models: Bark (suno/bark-small's architecture) and VITS (facebook/mms-tts-eng's), random weights.
+"""Tiny speech models: Bark (suno/bark-small's architecture) and VITS (facebook/mms-tts-eng's), random weights;
+and MusicGen (facebook/musicgen-small's), which the tests bring as a user model that transformers' text-to-speech
+pipeline runs.
 
-Both use character-level tokenizers written here, so nothing is downloaded. The folders have the same files as the
+Bark and VITS use character-level tokenizers written here, so nothing is downloaded. The folders have the same files as the
 real checkpoints and load through the same `studio.backends.speech` loaders.
 """
 
@@ -87,4 +89,33 @@ def build_vits(folder: Path, spec: ModelSpec) -> None:
         sampling_rate=16_000,  # upsample_rates stay [8, 8, 2, 2]: 256 samples per frame, as in the real model
     )
     VitsModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+MUSICGEN_CODEBOOK = 64  # entries per EnCodec codebook; the decoder's vocabulary, its pad / start token one past it
+
+
+def build_musicgen(folder: Path, spec: ModelSpec) -> None:
+    """MusicGen: a T5 text encoder (the tiny chat models' BPE tokenizer stands in for T5's), an EnCodec audio
+    codec and a decoder over its codebooks, with 8 new tokens per call (about 0.3 s of audio at 16 kHz)."""
+    from transformers import (EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, MusicgenForConditionalGeneration,
+                              T5Config)
+
+    from studio.tiny.text import CHATML_TEMPLATE, _tokenizer
+
+    tokenizer = _tokenizer(["<pad>", "</s>", "<unk>"], CHATML_TEMPLATE, "</s>")
+    seeded()
+    codec = EncodecConfig(hidden_size=16, num_filters=4, num_lstm_layers=1, codebook_dim=16,
+                          codebook_size=MUSICGEN_CODEBOOK, sampling_rate=16_000)
+    config = MusicgenConfig(
+        text_encoder=T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                              num_heads=2).to_dict(),
+        audio_encoder=codec.to_dict(),
+        decoder=MusicgenDecoderConfig(vocab_size=MUSICGEN_CODEBOOK, hidden_size=16, num_hidden_layers=1,
+                                      num_attention_heads=2, ffn_dim=32, num_codebooks=codec.num_quantizers,
+                                      pad_token_id=MUSICGEN_CODEBOOK, bos_token_id=MUSICGEN_CODEBOOK).to_dict())
+    model = MusicgenForConditionalGeneration(config)
+    model.generation_config.update(max_new_tokens=8, decoder_start_token_id=MUSICGEN_CODEBOOK,
+                                   pad_token_id=MUSICGEN_CODEBOOK, bos_token_id=MUSICGEN_CODEBOOK)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

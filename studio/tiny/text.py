@@ -1,4 +1,5 @@
-"""Tiny chat models (Llama and Qwen2 architectures) with a byte-level BPE tokenizer trained in-process."""
+"""Tiny chat models with a byte-level BPE tokenizer trained in-process: Llama and Qwen2 (the tiny profile), and
+Phi-3, Gemma and Mistral (user models in the tests: each with its real model's chat template in shape)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,20 @@ ZEPHYR_TEMPLATE = (
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+# Gemma has no system role: its template folds a system message into a user turn, as Gemma's own users do.
+GEMMA_TEMPLATE = (
+    "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] }}</s>"
+    "{% else %}[INST] {{ message['content'] }} [/INST]{% endif %}{% endfor %}"
 )
 # English sentences give the tokenizer whole-word merges, so a random model's replies read as words, not bytes.
 CORPUS = [
@@ -74,3 +89,37 @@ def build_qwen2(folder: Path, spec: ModelSpec) -> None:
                          max_position_embeddings=spec.options.get("context_length", 256),
                          eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     _save(folder, Qwen2ForCausalLM(config), tokenizer)
+
+
+def _small(config_class, tokenizer, spec: ModelSpec, **extra):
+    """A two-layer config of the architecture, sized like the tiny profile's models."""
+    return config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2,
+                        max_position_embeddings=spec.options.get("context_length", 256),
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra)
+
+
+def build_phi3(folder: Path, spec: ModelSpec) -> None:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"],
+                           PHI3_TEMPLATE, "<|end|>")
+    seeded()
+    _save(folder, Phi3ForCausalLM(_small(Phi3Config, tokenizer, spec, bos_token_id=1)), tokenizer)
+
+
+def build_gemma(folder: Path, spec: ModelSpec) -> None:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    tokenizer = _tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], GEMMA_TEMPLATE,
+                           "<end_of_turn>")
+    seeded()
+    _save(folder, GemmaForCausalLM(_small(GemmaConfig, tokenizer, spec, head_dim=16, bos_token_id=2)), tokenizer)
+
+
+def build_mistral(folder: Path, spec: ModelSpec) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = _tokenizer(["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], MISTRAL_TEMPLATE, "</s>")
+    seeded()
+    _save(folder, MistralForCausalLM(_small(MistralConfig, tokenizer, spec, bos_token_id=1)), tokenizer)

@@ -13,7 +13,7 @@ import gradio as gr
 
 from studio.backends.chat import ChatEvent, ChatOptions, ChatRequest, complete_chat, stream_chat
 from studio.runtime import Studio
-from studio.ui.controls import Runner, parse_seed, seed_box
+from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
 
 NOTICE = ("⚠️ **Answers may be wrong or made up.** Language models can hallucinate facts, names, numbers and "
           "sources; check anything that matters.")
@@ -136,7 +136,7 @@ def build(studio: Studio) -> None:
                 clear_btn = gr.Button("Clear", size="sm", elem_id="chat-clear")
             status = gr.Markdown(elem_id="chat-status")
         with gr.Column(scale=1):
-            model = gr.Dropdown(models, value=models[0], label="Model")
+            model = model_picker(studio, "chat", elem_id="chat-model")
             system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", lines=3)
             max_new_tokens = gr.Slider(1, opts.max_new_tokens, opts.default_max_new_tokens, step=1,
                                        label="Max new tokens")

@@ -45,6 +45,25 @@ def shown_to_user(request_id: str | None = None) -> Iterator[None]:
                        print_exception=False) from None
 
 
+def model_picker(studio: Studio, modality: str, **kwargs: Any) -> gr.Dropdown:
+    """A tab's model picker: each model's label, size and whether it is loaded. The list is read again when the
+    page loads and whenever the picker gets focus, so a model added in the Models tab (or found by its Refresh)
+    shows up without a restart."""
+    choices = studio.manager.choices(modality)
+    picker = gr.Dropdown(choices, value=choices[0][1] if choices else None, label="Model", **kwargs)
+
+    def refresh(current: str | None) -> dict:
+        choices = studio.manager.choices(modality)
+        ids = [model_id for _text, model_id in choices]
+        # The value is left alone while it is still offered: setting it would fire the picker's change event.
+        return gr.update(choices=choices) if current in ids else gr.update(choices=choices,
+                                                                             value=ids[0] if ids else None)
+
+    gr.on([picker.focus], refresh, picker, picker, queue=False, api_visibility="private", show_progress="hidden")
+    gr.on(None, refresh, picker, picker, queue=False, api_visibility="private", show_progress="hidden")  # page load
+    return picker
+
+
 def seed_box(info: str = "Empty: random. The seed used is shown with the result.", **kwargs) -> gr.Textbox:
     """A text box, not gr.Number: a Number shows and sends 0 when left empty, which would fix every seed at 0."""
     return gr.Textbox(label="Seed", placeholder="random", max_lines=1, info=info, **kwargs)

@@ -18,7 +18,7 @@ from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIE
                                    ShapeRequest, ShapeResult, export_mesh, generate_shape, preview_mesh, turntable_gif)
 from studio.contract import SEED_RANGE
 from studio.runtime import Studio
-from studio.ui.controls import Runner, parse_seed, seed_box
+from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
 
 
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
@@ -79,7 +79,7 @@ def build(studio: Studio) -> None:
     guidance_u, steps_u, frame_u = _model_controls(studio, first)
     with gr.Row():
         with gr.Column(scale=2):
-            model = gr.Dropdown(models, value=first, label="Model", visible=len(models) > 1)
+            model = model_picker(studio, "3d", visible=len(models) > 1)
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red wooden chair")
             with gr.Row():
                 guidance = gr.Slider(0, MAX_GUIDANCE, step=0.5, value=guidance_u["value"], label="Guidance scale")

@@ -14,7 +14,7 @@ from gradio.data_classes import FileData
 
 from studio.backends.speech import MAX_TEXT_CHARS, SpeechOptions, SpeechRequest, SpeechResult, synthesize, wav_bytes
 from studio.runtime import Studio
-from studio.ui.controls import Runner, parse_seed, seed_box
+from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
 
 BARK_CUES = ("**Bark cues:** write `[laughs]`, `[laughter]`, `[sighs]`, `[gasps]`, `[clears throat]` or `[music]` in "
              "the text; `...` or `—` for hesitation, `♪` around sung lyrics, CAPITALS for emphasis. Bark speaks about "
@@ -76,7 +76,7 @@ def build(studio: Studio) -> None:
                               placeholder="Hello! This studio speaks with Bark, MMS-TTS and Piper.",
                               info=f"Up to {MAX_TEXT_CHARS:,} characters; long text is spoken sentence by sentence.")
             with gr.Row():
-                model = gr.Dropdown(models, value=models[0], label="Model", elem_id="speech-model")
+                model = model_picker(studio, "text-to-speech", elem_id="speech-model")
                 voice = gr.Dropdown(label="Voice", elem_id="speech-voice",
                                     **{k: voice_u[k] for k in ("choices", "value", "visible", "interactive")})
                 seed = seed_box(SEED_INFO, elem_id="speech-seed", visible=seed_u["visible"])
