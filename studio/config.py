@@ -19,6 +19,7 @@ PROFILES = ("auto", "default", "tiny")
 STRATEGIES = ("lru", "swap", "preload")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SPACES_DATA = Path("/data")  # Hugging Face Spaces mounts persistent storage here
+PUBLIC_MAX_UPLOAD = 50 * 2**20  # a public studio (share link, Space) takes uploads up to this size, whatever is set
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -68,6 +69,8 @@ class Settings:
     load_timeout: float = 300.0  # seconds a request waits for memory while every model is in use
     concurrency: int = 1  # generations at once per model
     analytics: bool = False  # Gradio's own usage analytics (off unless the user opts in)
+    max_upload_size: int = 200 * 10**6  # bytes of one audio file to transcribe (public mode: PUBLIC_MAX_UPLOAD)
+    max_audio_seconds: float = 3600.0  # the longest recording transcribed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +130,11 @@ def build_parser(env: dict) -> argparse.ArgumentParser:
       help="generations at once per model (env STUDIO_CONCURRENCY)")
     a("--analytics", action="store_true", default=_flag(env, "STUDIO_GRADIO_ANALYTICS"),
       help="opt in to Gradio's usage analytics (env STUDIO_GRADIO_ANALYTICS)")
+    a("--max-upload-size", default=_env(env, "STUDIO_MAX_UPLOAD_SIZE", default="200MB"),
+      help="largest audio file to transcribe, e.g. 25MB (env STUDIO_MAX_UPLOAD_SIZE); a public studio takes at "
+           "most 50 MiB")
+    a("--max-audio-seconds", default=_env(env, "STUDIO_MAX_AUDIO_SECONDS", default="3600"),
+      help="longest recording to transcribe, in seconds (env STUDIO_MAX_AUDIO_SECONDS)")
     return p
 
 
@@ -172,6 +180,10 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         budget = parse_size(ns.memory_budget) if ns.memory_budget else None
     except ValueError as exc:
         raise ConfigError(f"--memory-budget: {exc}") from None
+    try:
+        max_upload = parse_size(ns.max_upload_size)
+    except ValueError as exc:
+        raise ConfigError(f"--max-upload-size: {exc}") from None
     api_keys = ns.api_key or [k for k in (env.get("STUDIO_API_KEYS") or "").split(",") if k.strip()]
     settings = Settings(
         host=ns.host,
@@ -193,6 +205,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         load_timeout=_number("--load-timeout", ns.load_timeout, float, 0.1),
         concurrency=_number("--concurrency", ns.concurrency, int, 1, 64),
         analytics=ns.analytics,
+        max_upload_size=max_upload,
+        max_audio_seconds=_number("--max-audio-seconds", ns.max_audio_seconds, float, 1),
     )
     if settings.mcp and settings.auth:
         raise ConfigError("--mcp: Gradio's MCP server cannot log in, so with --auth its tools would be listed to "

@@ -237,7 +237,7 @@ def synthesize(studio: Studio, req: SpeechRequest, call: Call) -> SpeechResult:
         seconds = audio.size / speech.sample_rate
         rtf = (time.perf_counter() - started) / seconds if seconds else 0.0
         result = SpeechResult(audio, speech.sample_rate, seconds, rtf, len(clips), len(pieces), seed, stopped)
-        rec.set(audio_seconds=round(seconds, 3), pieces=len(clips), stopped=stopped)
+        rec.set(audio_seconds=round(seconds, 3), pieces=len(clips), rtf=round(rtf, 4), stopped=stopped)
     call.report(1.0, "Stopped" if stopped else "Done")
     return result
 

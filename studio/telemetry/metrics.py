@@ -58,6 +58,10 @@ class Metrics:
                                      registry=r)
         self.generation_tokens = Counter("gen_ai_server_generation_tokens", "Tokens generated.", ["model"],
                                          registry=r)
+        self.audio = Counter("studio_audio_seconds", "Seconds of audio heard (speech-to-text) or spoken "
+                             "(text-to-speech).", ["model", "modality"], registry=r)
+        self.characters = Counter("studio_transcribed_characters", "Characters of text transcribed.", ["model"],
+                                  registry=r)
         self.cache_hits = Counter("studio_model_cache_hits", "Requests that found their model resident.",
                                   ["model"], registry=r)
         self.loads = Counter("studio_model_loads", "Model loads by outcome (ok, failed).", ["model", "outcome"],
@@ -88,6 +92,11 @@ class Metrics:
             self.queue.labels(model, modality).observe(row["queue_ms"] / 1000)
         if row["prompt_tokens"]:
             self.prompt_tokens.labels(model).inc(row["prompt_tokens"])
+        audio = row.get("audio_in_seconds") or row.get("audio_seconds")  # the columns of the speech modalities
+        if audio:
+            self.audio.labels(model, modality).inc(audio)
+        if row.get("characters"):
+            self.characters.labels(model).inc(row["characters"])
         completion = row["completion_tokens"]
         if completion:
             self.generation_tokens.labels(model).inc(completion)
