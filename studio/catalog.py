@@ -84,7 +84,7 @@ TINY_MODELS = (
     PIPER,
     ModelSpec(id="tiny-whisper", modality="speech-to-text", label="Tiny Whisper (random weights)",
               build="studio.tiny.transcription:build_whisper", loader="studio.backends.transcription:load_whisper",
-              params=100_000, stands_for="openai/whisper-small"),
+              params=162_400, stands_for="openai/whisper-small"),
     POCKETSPHINX,
     ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)",
               build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
