@@ -39,6 +39,7 @@ CHARS_PER_SECOND = 15  # speech runs about this fast; Bark, the slowest voice, g
 # without a space, and line breaks.
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+|(?<=[。！？])\s*|\s*\n\s*")
 _SOFT_BREAK = re.compile(r"[,;:—–]\s")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters other than tab and line breaks
 
 # Bark and VITS sample with torch's global generator (their generate/forward take no generator argument), so a
 # seed reproduces a clip only if no other request reseeds it meanwhile: seeded pieces take turns.
@@ -182,6 +183,11 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
+def speakable(text: str) -> str:
+    """`text` without the control characters a voice refuses (a random-weight chat model writes some)."""
+    return _CONTROL.sub("", text)
+
+
 def _break_point(sentence: str, max_chars: int) -> int:
     """Where to cut an over-long sentence: after the last comma-like mark, else the last space, else hard."""
     head = sentence[: max_chars + 1]
@@ -201,6 +207,7 @@ def validate(studio: Studio, req: SpeechRequest) -> tuple[ModelSpec, SpeechReque
     opts = SpeechOptions.of(spec)
     check_text("text", req.text, max_chars=MAX_TEXT_CHARS)
     require(any(ch.isalnum() for ch in req.text), "text", "has no letters or digits to speak")
+    require(not _CONTROL.search(req.text), "text", "contains control characters (such as NUL), which have no sound")
     voices = list(opts.voices or ())
     if req.voice is not None and opts.voices is not None:
         known = f"one of {', '.join(voices)}" if voices else "none (this model has a single voice; leave it out)"

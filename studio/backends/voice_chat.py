@@ -22,7 +22,7 @@ import numpy as np
 
 from studio.backends import chat, speech, transcription
 from studio.backends.chat import ChatEvent, ChatOptions, ChatRequest, stream_chat
-from studio.backends.speech import SpeechOptions, SpeechRequest, split_sentences, synthesize
+from studio.backends.speech import SpeechOptions, SpeechRequest, speakable, split_sentences, synthesize
 from studio.backends.transcription import TranscriptionRequest, TranscriptionResult, transcribe
 from studio.contract import InputError
 from studio.runtime import Call, Studio
@@ -176,15 +176,16 @@ def _speak(studio: Studio, voice: SpeechRequest, sentences: list[str], turn: _Tu
             return
         turn.spoken += 1
         turn.mark("first_sentence")
-        if not any(ch.isalnum() for ch in sentence):  # "..." or an emoji: nothing to say
+        text = speakable(sentence)
+        if not any(ch.isalnum() for ch in text):  # "..." or an emoji: nothing to say
             continue
         yield from _loading(studio, voice.model, "text-to-speech")
         try:
-            clip = synthesize(studio, replace(voice, text=sentence), call)
+            clip = synthesize(studio, replace(voice, text=text), call)
         except InputError as exc:
             if exc.field != "text":
                 raise
             continue  # characters this voice cannot speak: the text shows them, the audio skips them
         if clip.audio.size:
             turn.mark("first_sound")
-            yield Spoken(sentence, clip.audio, clip.sample_rate)
+            yield Spoken(text, clip.audio, clip.sample_rate)

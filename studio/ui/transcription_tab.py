@@ -101,7 +101,7 @@ def build(studio: Studio) -> None:
               "heard so far. A silent recording gives no text.")
     with gr.Row():
         with gr.Column(scale=2):
-            audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Recording or audio file",
+            audio = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Audio file or recording",
                              elem_id="stt-audio")
             with gr.Row():
                 model = gr.Dropdown(models, value=models[0], label="Model", elem_id="stt-model")

@@ -4,21 +4,17 @@ chosen voice sentence by sentence, starting before the text is finished. Stop en
 running, the turn, and the playback.
 
 The turn itself is `studio.backends.voice_chat.voice_chat` (the three services in a row); this module is layout
-and glue. The answer plays through Gradio's streamed audio output, one WAV chunk per spoken sentence.
+and glue. Each spoken sentence reaches the page as the new value of a hidden audio component, and a few lines of
+JavaScript queue the sentences on one player, so they play back to back as they come. (Gradio's own streamed audio
+output would need ffmpeg and ffprobe on the server and adds an AAC/HLS encoding step to every sentence.)
 """
 
 from __future__ import annotations
 
-import io
-import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import gradio as gr
 import numpy as np
-import soundfile
 
 from studio.backends.chat import ChatOptions, ChatRequest
 from studio.backends.speech import SpeechRequest
@@ -35,30 +31,38 @@ SYSTEM = ("You are a helpful assistant in a spoken conversation. Answer briefly,
 HOW = ("🎙️ Press **Record**, speak, and press **Stop** on the recorder: the studio hears you, answers in the "
        "conversation and speaks the answer as it is written. **Stop everything** ends the answer and its playback.")
 ROLES = {"speech-to-text": "speech to text", "chat": "chat", "text-to-speech": "voice"}
+PLAYER = '<audio id="voice-player" controls preload="auto"></audio>'
+# Queue a new sentence (the hidden component's new value) on the player; the next one starts when one ends.
+PLAY = """(clip) => {
+    const player = document.getElementById("voice-player");
+    const queue = (window.studioVoiceQueue ??= []);
+    if (clip && clip.url) queue.push(clip.url);
+    if (!player.dataset.queued) {
+        player.dataset.queued = "yes";
+        player.addEventListener("ended", () => {
+            if (queue.length) { player.src = queue.shift(); player.play(); }
+        });
+    }
+    if ((player.paused || player.ended) && queue.length && !(player.currentTime > 0 && !player.ended)) {
+        player.src = queue.shift();
+        player.play();
+    }
+    return [];
+}"""
+SILENCE = """() => {
+    (window.studioVoiceQueue ??= []).length = 0;
+    const player = document.getElementById("voice-player");
+    if (player) { player.pause(); player.removeAttribute("src"); player.load(); }
+    return [];
+}"""
 
-Update = tuple[History, str, bytes | None]  # the conversation, the status line, the next chunk of spoken answer
+Clip = tuple[int, np.ndarray]  # one spoken sentence: (sample rate, 16-bit samples)
+Update = tuple[History, str, Clip | None]  # the conversation, the status line, the next sentence to play
 
 
-def ffmpeg_on_path() -> None:
-    """Gradio encodes streamed audio with an `ffmpeg` it finds on PATH. Without a system one, the binary inside
-    the imageio-ffmpeg wheel (a requirement already, for video) is linked into a private folder put on PATH."""
-    if shutil.which("ffmpeg"):
-        return
-    import imageio_ffmpeg
-
-    folder = Path(tempfile.gettempdir()) / f"studio-ffmpeg-{os.getuid()}"
-    folder.mkdir(exist_ok=True)
-    link = folder / "ffmpeg"
-    if not link.exists():
-        link.symlink_to(imageio_ffmpeg.get_ffmpeg_exe())
-    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
-
-
-def wav(audio: np.ndarray, sample_rate: int) -> bytes:
-    """One sentence as a 16-bit WAV chunk, the format Gradio's audio stream reads without a decoder process."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
+def pcm16(audio: np.ndarray, sample_rate: int) -> Clip:
+    """16-bit samples as they are: Gradio would scale float audio to its peak, each sentence to another level."""
+    return sample_rate, (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
 
 
 def summary(event: Finished) -> str:
@@ -101,8 +105,7 @@ def talk(turns: Runner, recording: str | None, history: History, hearer: str, la
             reply += event.text
             yield [*history, {"role": "assistant", "content": reply}], "Answering…", None
         elif isinstance(event, Spoken):
-            chunk = wav(event.audio, event.sample_rate)
-            yield [*history, {"role": "assistant", "content": reply}], "Speaking…", chunk
+            yield [*history, {"role": "assistant", "content": reply}], "Speaking…", pcm16(event.audio, event.sample_rate)
         elif isinstance(event, Finished):
             done = [*history, {"role": "assistant", "content": reply}] if reply else history
             yield done, summary(event), None
@@ -115,7 +118,6 @@ def build(studio: Studio) -> None:
     if missing:
         gr.Markdown(f"Voice chat needs a model of each kind; this profile has no {' and no '.join(missing)} model.")
         return
-    ffmpeg_on_path()
     turns = runner(studio)
     languages = language_choices(studio, hearers[0])
     voice_u, _seed, _note = model_controls(studio, voices[0])
@@ -127,8 +129,10 @@ def build(studio: Studio) -> None:
             chatbot = gr.Chatbot(label="Conversation", height=380, elem_id="voice-history")
             with gr.Row():
                 mic = gr.Audio(sources=["microphone"], type="filepath", label="Talk", elem_id="voice-mic")
-                answer = gr.Audio(label="Answer", streaming=True, autoplay=True, interactive=False,
-                                  elem_id="voice-answer")
+                with gr.Column():
+                    gr.Markdown("**Answer**")
+                    gr.HTML(PLAYER)
+            sentence = gr.Audio(visible="hidden", format="wav", elem_id="voice-sentence")
             with gr.Row():
                 stop = gr.Button("Stop everything", variant="stop", elem_id="voice-stop")
                 clear = gr.Button("Clear", elem_id="voice-clear")
@@ -149,22 +153,21 @@ def build(studio: Studio) -> None:
     def run(recording: str | None, history: History, hearer_id: str, language_code: str | None, talker_id: str,
             system_prompt: str, new_tokens: float, seed_text: str | None, voice_id: str, voice_name: str | None,
             request: gr.Request, progress=gr.Progress()):
-        # The recorder is cleared at once, so that Record is there for the next turn. The audio stream opens with
-        # the first sentence: opened empty, the player's playlist has no segments and it retries.
-        for conversation, line, chunk in talk(turns, recording, history, hearer_id, language_code, talker_id,
-                                              system_prompt, new_tokens, seed_text, voice_id, voice_name,
-                                              session=request.session_hash or "", progress=progress):
-            yield conversation, line, gr.skip() if chunk is None else chunk, None
+        # The recorder is cleared at once, so that Record is there for the next turn.
+        for conversation, line, clip in talk(turns, recording, history, hearer_id, language_code, talker_id,
+                                             system_prompt, new_tokens, seed_text, voice_id, voice_name,
+                                             session=request.session_hash or "", progress=progress):
+            yield conversation, line, gr.skip() if clip is None else clip, None
 
     def stop_everything(request: gr.Request) -> None:
         turns.stop(request.session_hash or "")
-        return None  # the answer's player: silence
 
     hearer.change(lambda model_id: language_choices(studio, model_id), hearer, language, api_visibility="private")
     voice_model.change(lambda model_id: model_controls(studio, model_id)[0], voice_model, voice,
                        api_visibility="private")
     settings = [hearer, language, talker, system, max_new_tokens, seed, voice_model, voice]
-    mic.stop_recording(run, [mic, chatbot, *settings], [chatbot, status, answer, mic], api_visibility="private",
+    mic.stop_recording(run, [mic, chatbot, *settings], [chatbot, status, sentence, mic], api_visibility="private",
                        concurrency_limit=None)
-    stop.click(stop_everything, None, answer, queue=False, api_visibility="private")
-    clear.click(lambda: ([], "", None), None, [chatbot, status, answer], queue=False, api_visibility="private")
+    sentence.change(None, sentence, None, js=PLAY, api_visibility="private")
+    stop.click(stop_everything, None, None, js=SILENCE, queue=False, api_visibility="private")
+    clear.click(lambda: ([], ""), None, [chatbot, status], js=SILENCE, queue=False, api_visibility="private")
