@@ -209,8 +209,8 @@ def main() -> None:
         if "whisper-small-size" in args.models:
             weights = Path(folder) / "whisper"
             started = time.perf_counter()
-            # The decoder prompt, <|startoftranscript|><|en|><|transcribe|>, counts towards max_length.
-            build_whisper_folder(weights, WHISPER_SMALL, REAL_TEXT_TOKENS, max_length=args.tokens + 3,
+            # Whisper's generate takes max_length as the number of decoder passes: the same as max_new_tokens.
+            build_whisper_folder(weights, WHISPER_SMALL, REAL_TEXT_TOKENS, max_length=args.tokens,
                                  force_unique_generate_call=True)
             built = time.perf_counter() - started
             whisper = load_whisper(WHISPER, weights, "cpu", "float32")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import gradio as gr
 from gradio.data_classes import FileData
@@ -130,7 +130,7 @@ def build(studio: Studio) -> None:
             gr.Info("Nothing is being transcribed.")
 
     def generate_transcript(audio: FileData, model: str = models[0], language: str | None = None,
-                            prompt: str | None = None, response_format: Literal["text", "srt", "vtt"] = "text",
+                            prompt: str | None = None, response_format: str = "text",
                             temperature: float | None = None) -> str:
         """Transcribe speech in an audio file to text, or to SubRip (SRT) or WebVTT subtitles with timestamps.
 
