@@ -380,9 +380,9 @@ def validate(studio: Studio, req: TranscriptionRequest) -> tuple[ModelSpec, Tran
     require(isinstance(req.audio, bytes) and bool(req.audio), "file", "is required: an audio file (WAV, FLAC, OGG, "
                                                                        "MP3, M4A, WebM...) or a recording")
     limit = studio.upload_limit
-    require(len(req.audio) <= limit, "file", f"is {len(req.audio) / 1e6:.1f} MB; the limit is {limit / 1e6:g} MB "
-                                             f"(--max-upload-size)")
-    language = req.language.strip().lower() if isinstance(req.language, str) and req.language.strip() else None
+    require(len(req.audio) <= limit, "file", f"is larger than the limit of {limit / 1e6:g} MB (--max-upload-size)")
+    require(req.language is None or isinstance(req.language, str), "language", "must be an ISO 639-1 code such as en")
+    language = req.language.strip().lower() if req.language and req.language.strip() else None
     if language is not None:
         check_language(language, opts.languages, spec.id)
     if req.prompt is not None:

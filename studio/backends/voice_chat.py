@@ -101,7 +101,8 @@ class _Turn:
     started: float = field(default_factory=time.perf_counter)
     timings: Timings = field(default_factory=Timings)
     reply: str = ""
-    spoken: int = 0  # sentences of the reply spoken (or skipped) so far
+    done: int = 0  # sentences of the reply spoken or skipped so far
+    said: int = 0  # of them, those spoken
 
     def mark(self, milestone: str) -> None:
         """Note the time of a milestone (a field of Timings) the first time it is reached."""
@@ -159,7 +160,7 @@ def voice_chat(studio: Studio, req: VoiceChatRequest, call: Call) -> Iterator[Vo
 
     # 3. Speak the last sentence
     yield from _speak(studio, req.speech, split_sentences(turn.reply, max_chars), turn, quiet)
-    yield Finished(turn.timings, final, turn.spoken, call.stopped)
+    yield Finished(turn.timings, final, turn.said, call.stopped)
 
 
 def _loading(studio: Studio, model_id: str, modality: str) -> Iterator[Loading]:
@@ -171,10 +172,10 @@ def _speak(studio: Studio, voice: SpeechRequest, sentences: list[str], turn: _Tu
            call: Call) -> Iterator[VoiceEvent]:
     """Speak the sentences not spoken yet (the split of the text before the last sentence never changes as text
     is added, so counting them is enough)."""
-    for sentence in sentences[turn.spoken:]:
+    for sentence in sentences[turn.done:]:
         if call.stopped:
             return
-        turn.spoken += 1
+        turn.done += 1
         turn.mark("first_sentence")
         text = speakable(sentence)
         if not any(ch.isalnum() for ch in text):  # "..." or an emoji: nothing to say
@@ -188,4 +189,5 @@ def _speak(studio: Studio, voice: SpeechRequest, sentences: list[str], turn: _Tu
             continue  # characters this voice cannot speak: the text shows them, the audio skips them
         if clip.audio.size:
             turn.mark("first_sound")
+            turn.said += 1
             yield Spoken(text, clip.audio, clip.sample_rate)

@@ -36,10 +36,14 @@ def runner(studio: Studio) -> Runner[TranscriptionRequest, TranscriptionResult]:
     return Runner(studio, "speech-to-text", transcribe)
 
 
-def to_request(path: str | None, model: str | None, language: str | None, prompt: str | None,
+def to_request(studio: Studio, path: str | None, model: str | None, language: str | None, prompt: str | None,
                temperature: float | None = None) -> TranscriptionRequest:
-    """The typed request for a recording or upload on disk (no file: empty audio, which the service refuses)."""
-    audio = Path(path).read_bytes() if path else b""
+    """The typed request for a recording or upload on disk (no file: empty audio, which the service refuses). At
+    most one byte past the upload limit is read: the service refuses that much, and more is not worth reading."""
+    audio = b""
+    if path:
+        with open(path, "rb") as file:
+            audio = file.read(studio.upload_limit + 1)
     return TranscriptionRequest(audio=audio, filename=Path(path).name if path else None, model=model,
                                 language=None if language in (None, "", AUTO) else language, prompt=prompt or None,
                                 temperature=temperature)
@@ -82,7 +86,7 @@ def transcribe_recording(stt: Runner, path: str | None, model: str | None, langu
                          prompt: str | None, *, session: str,
                          progress: Any = None) -> tuple[str, list[list[str]], list[str], str]:
     """Transcribe the recording: (text, segment rows, download paths, status)."""
-    req = to_request(path, model, language, prompt)
+    req = to_request(stt.studio, path, model, language, prompt)
     result = stt.run(req, session, progress)
     rows = [[stamp(s.start), stamp(s.end), s.text] for s in result.transcript.segments]
     name = Path(path).stem if path else "transcript"
@@ -145,7 +149,8 @@ def build(studio: Studio) -> None:
         if response_format not in ("text", "srt", "vtt"):
             raise gr.Error(f"response_format: must be text, srt or vtt, not {response_format!r}", print_exception=False)
         path = audio.get("path") if isinstance(audio, dict) else None  # gr.api hands files over as FileData dicts
-        result = stt.run(to_request(path, model, language, prompt, temperature), entry="generate_transcript")
+        req = to_request(studio, path, model, language, prompt, temperature)
+        result = stt.run(req, entry="generate_transcript")
         return {"srt": to_srt, "vtt": to_vtt}.get(response_format, to_text)(result.transcript.segments)
 
     generate_transcript.__doc__ = generate_transcript.__doc__.format(models=", ".join(models))

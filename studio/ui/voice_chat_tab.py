@@ -88,7 +88,7 @@ def talk(turns: Runner, recording: str | None, history: History, hearer: str, la
          session: str, progress: Any = None) -> Iterator[Update]:
     """One spoken turn: the conversation, the status and each spoken sentence's audio as they come."""
     history = plain(history)
-    req = VoiceChatRequest(heard=to_request(recording, hearer, language, None),
+    req = VoiceChatRequest(heard=to_request(turns.studio, recording, hearer, language, None),
                            chat=ChatRequest(messages=history, model=talker, system=system or None,
                                             max_new_tokens=int(max_new_tokens), seed=parse_seed(seed)),
                            speech=SpeechRequest(text="", model=voice_model, voice=voice or None))
@@ -105,7 +105,8 @@ def talk(turns: Runner, recording: str | None, history: History, hearer: str, la
             reply += event.text
             yield [*history, {"role": "assistant", "content": reply}], "Answering…", None
         elif isinstance(event, Spoken):
-            yield [*history, {"role": "assistant", "content": reply}], "Speaking…", pcm16(event.audio, event.sample_rate)
+            clip = pcm16(event.audio, event.sample_rate)
+            yield [*history, {"role": "assistant", "content": reply}], "Speaking…", clip
         elif isinstance(event, Finished):
             done = [*history, {"role": "assistant", "content": reply}] if reply else history
             yield done, summary(event), None
