@@ -24,6 +24,12 @@ PIPER = ModelSpec(
     loader="studio.backends.speech:load_piper", params=16_000_000, family="piper",
     options={"voices": ("joe",), "seeded": False},
 )
+# Real speech to text with no download: the acoustic model, dictionary and language model ship in the pocketsphinx
+# wheel. Its decoder holds about 90 MiB, sized here as 24 M float32 values.
+POCKETSPHINX = ModelSpec(
+    id="pocketsphinx-en", modality="speech-to-text", label="PocketSphinx (US English, offline)",
+    loader="studio.backends.transcription:load_pocketsphinx", params=24_000_000, options={"languages": ("en",)},
+)
 
 DEFAULT_MODELS = (
     ModelSpec(id="tinyllama-1.1b-chat", modality="chat", label="TinyLlama 1.1B Chat",
@@ -43,6 +49,12 @@ DEFAULT_MODELS = (
     ModelSpec(id="mms-tts-eng", modality="text-to-speech", label="MMS-TTS English (VITS)", repo="facebook/mms-tts-eng",
               loader="studio.backends.speech:load_vits", family="vits", params=36_300_000),
     PIPER,
+    # Multilingual (99 languages, detected when not given) and small: about 0.5 GB in float16, faster than real
+    # time on one CPU core. distil-whisper is English-only, and its multilingual large-v3 distillation is 3x larger.
+    ModelSpec(id="whisper-small", modality="speech-to-text", label="Whisper small (OpenAI, 99 languages)",
+              repo="openai/whisper-small", loader="studio.backends.transcription:load_whisper",
+              params=241_734_912, dtypes=GPU_HALF),
+    POCKETSPHINX,
     ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo",
               loader="studio.backends.image:load_stable_diffusion", params=1_300_000_000, dtypes=GPU_HALF,
               options={"steps": 1, "max_steps": 4, "guidance": 0.0, "max_size": 768, "negative_prompt": False}),
@@ -82,6 +94,10 @@ TINY_MODELS = (
               build="studio.tiny.speech:build_vits", loader="studio.backends.speech:load_vits", family="vits",
               params=500_000, stands_for="facebook/mms-tts-eng"),
     PIPER,
+    ModelSpec(id="tiny-whisper", modality="speech-to-text", label="Tiny Whisper (random weights)",
+              build="studio.tiny.transcription:build_whisper", loader="studio.backends.transcription:load_whisper",
+              params=162_400, stands_for="openai/whisper-small"),
+    POCKETSPHINX,
     ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)",
               build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
               params=2_000_000, stands_for="stabilityai/sd-turbo",

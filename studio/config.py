@@ -19,6 +19,7 @@ PROFILES = ("auto", "default", "tiny")
 STRATEGIES = ("lru", "swap", "preload")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SPACES_DATA = Path("/data")  # Hugging Face Spaces mounts persistent storage here
+PUBLIC_MAX_UPLOAD = 50 * 2**20  # a public studio (share link, Space) takes uploads up to this size, whatever is set
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -73,6 +74,8 @@ class Settings:
     analytics: bool = False  # Gradio's own usage analytics (off unless the user opts in)
     video_dir: Path = Path("outputs/videos")  # the videos of /v1/videos jobs, kept across restarts
     video_dir_limit: int = 2 * 2**30  # bytes those videos may take; the oldest are deleted first
+    max_upload_size: int = 200 * 10**6  # bytes of one audio file to transcribe (public mode: PUBLIC_MAX_UPLOAD)
+    max_audio_seconds: float = 3600.0  # the longest recording transcribed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -147,6 +150,11 @@ def build_parser(env: dict) -> argparse.ArgumentParser:
     a("--video-dir-limit", default=_env(env, "STUDIO_VIDEO_DIR_LIMIT", default="2GiB"),
       help="the most the videos in --video-dir may take, e.g. 2GiB; the oldest are deleted first "
            "(env STUDIO_VIDEO_DIR_LIMIT)")
+    a("--max-upload-size", default=_env(env, "STUDIO_MAX_UPLOAD_SIZE", default="200MB"),
+      help="largest audio file to transcribe, e.g. 25MB (env STUDIO_MAX_UPLOAD_SIZE); a public studio takes at "
+           "most 50 MiB")
+    a("--max-audio-seconds", default=_env(env, "STUDIO_MAX_AUDIO_SECONDS", default="3600"),
+      help="longest recording to transcribe, in seconds (env STUDIO_MAX_AUDIO_SECONDS)")
     return p
 
 
@@ -208,6 +216,7 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
     env = dict(os.environ if env is None else env)
     ns = build_parser(env).parse_args(argv)
     budget = _size("--memory-budget", ns.memory_budget) if ns.memory_budget else None
+    max_upload = _size("--max-upload-size", ns.max_upload_size)
     api_keys = ns.api_key or [k for k in (env.get("STUDIO_API_KEYS") or "").split(",") if k.strip()]
     settings = Settings(
         host=ns.host,
@@ -234,6 +243,8 @@ def parse_settings(argv: Sequence[str] | None = None, env: dict | None = None) -
         analytics=ns.analytics,
         video_dir=Path(ns.video_dir) if ns.video_dir else default_video_dir(),
         video_dir_limit=_size("--video-dir-limit", ns.video_dir_limit),
+        max_upload_size=max_upload,
+        max_audio_seconds=_number("--max-audio-seconds", ns.max_audio_seconds, float, 1),
     )
     if settings.mcp and settings.auth:
         raise ConfigError("--mcp: Gradio's MCP server cannot log in, so with --auth its tools would be listed to "

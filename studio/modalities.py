@@ -110,13 +110,18 @@ def built_in(name: str, module: str, title: str, options: str, *, external: bool
                     gpu_seconds=f"{backend}:gpu_seconds", **fields)
 
 
-register(built_in("chat", "chat", "Chat", "ChatOptions", detect="studio.backends.chat:detect",
+register(built_in("chat", "chat", "Chat", "ChatOptions", subtitle="Text chat",
+                  detect="studio.backends.chat:detect",
                   columns=("prompt_tokens", "completion_tokens"),
                   totals=(Total("replies"), Total("tokens in", "prompt_tokens"),
                           Total("tokens out", "completion_tokens"))))
 register(built_in("text-to-speech", "speech", "Speech", "SpeechOptions", subtitle="Text to speech",
-                  detect="studio.backends.speech:detect", columns=("audio_seconds", "pieces"),
+                  detect="studio.backends.speech:detect", columns=("audio_seconds", "pieces", "rtf"),
                   totals=(Total("clips"), Total("audio seconds", "audio_seconds"))))
+register(built_in("speech-to-text", "transcription", "Speech", "TranscriptionOptions", subtitle="Speech to text",
+                  columns=("audio_in_seconds", "characters", "rtf"),
+                  totals=(Total("transcripts"), Total("audio seconds heard", "audio_in_seconds"),
+                          Total("characters transcribed", "characters"))))
 register(built_in("image", "image", "Image", "ImageOptions", columns=("images", "output_pixels"),
                   totals=(Total("images", "images"),)))
 register(built_in("3d", "shape", "3D", "ShapeOptions", external=False, columns=("faces",),

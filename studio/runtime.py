@@ -12,12 +12,13 @@ from typing import Any, Callable, Iterator
 
 from studio import devices, modalities, providers, usermodels
 from studio.cache import Lease, ModelCache
-from studio.config import ConfigError, Settings, format_size
+from studio.config import PUBLIC_MAX_UPLOAD, ConfigError, Settings, format_size
 from studio.contract import InputError
 from studio.catalog import select_profile
 from studio.manager import ModelManager
 from studio.registry import ModelSpec, Registry
 from studio.telemetry import logreader
+from studio.spaces import on_spaces
 from studio.telemetry.metrics import Metrics
 from studio.telemetry.requestlog import REQUEST_ID, Recorder, RequestLog
 
@@ -70,6 +71,17 @@ class Studio:
     @property
     def device(self) -> str:
         return self.cache.device
+
+    @property
+    def public(self) -> bool:
+        """Served to strangers: a share link, or a Hugging Face Space (public unless its owner adds a login)."""
+        return self.settings.share or on_spaces()
+
+    @property
+    def upload_limit(self) -> int:
+        """Bytes of one uploaded file: --max-upload-size, and at most PUBLIC_MAX_UPLOAD on a public studio."""
+        cap = self.settings.max_upload_size
+        return min(cap, PUBLIC_MAX_UPLOAD) if self.public else cap
 
     def models(self, modality: str) -> list[str]:
         return [spec.id for spec in self.registry.of(modality)]

@@ -19,12 +19,10 @@ from starlette.middleware import Middleware
 from studio.api import build_router
 from studio.api.errors import ERROR_HANDLERS
 from studio.runtime import Studio, describe, preload_ids
-from studio.spaces import on_spaces
 from studio.telemetry.middleware import RequestIdMiddleware
 from studio.ui import build_ui
 
 PUBLIC_QUEUE_SIZE = 32  # requests waiting beyond this are turned away ("queue full") instead of piling up
-PUBLIC_MAX_FILE_SIZE = "50mb"  # bigger uploads to Gradio's upload route are refused (no tab needs one now)
 
 
 @dataclass(frozen=True)
@@ -33,15 +31,14 @@ class Limits:
 
     public: bool
     queue_size: int | None  # requests waiting in Gradio's queue
-    max_file_size: str | None  # uploads to Gradio's upload route
+    max_file_size: int | None  # bytes of an upload to Gradio's upload route (the Speech tab's recordings)
     concurrency: int  # generations at once per event (and per model: the studio's own slots)
 
 
 def limits(studio: Studio) -> Limits:
-    settings = studio.settings
-    public = settings.share or on_spaces()
-    return Limits(public, PUBLIC_QUEUE_SIZE if public else None, PUBLIC_MAX_FILE_SIZE if public else None,
-                  settings.concurrency)
+    public = studio.public
+    return Limits(public, PUBLIC_QUEUE_SIZE if public else None, studio.upload_limit if public else None,
+                  studio.settings.concurrency)
 
 
 def _lifespan(studio: Studio):

@@ -1,4 +1,5 @@
-"""MCP: `--mcp` exposes chat, image, speech, 3D and video generation as tools with typed, documented parameters."""
+"""MCP: `--mcp` exposes chat, image, speech (both ways), 3D and video generation as tools with typed, documented
+parameters."""
 
 from __future__ import annotations
 
@@ -75,6 +76,26 @@ def test_a_tool_call_runs_a_generation(mcp_url):
                                                   "seed": 1})
     assert not result.isError, result.content
     assert result.content[0].type == "text"
+
+
+def test_the_transcript_tool_takes_its_audio_as_a_data_uri(mcp_url):
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile
+
+    tool = list_tools(mcp_url)["generate_transcript"]
+    assert {"audio", "model", "language", "response_format"} <= set(tool.inputSchema["properties"])
+    assert "audio" in tool.inputSchema["required"]
+    buffer = io.BytesIO()
+    noise = np.random.default_rng(0).standard_normal(16_000 * 3).astype(np.float32) * 0.05
+    soundfile.write(buffer, noise, 16_000, format="WAV", subtype="PCM_16")
+    uri = "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    result = call_tool(mcp_url, "generate_transcript", {"audio": uri, "model": "tiny-whisper",
+                                                        "response_format": "vtt"})
+    assert not result.isError, result.content
+    assert result.content[0].type == "text" and result.content[0].text.startswith("WEBVTT")
 
 
 def test_without_mcp_no_mcp_endpoint(live_server):

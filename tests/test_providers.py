@@ -4,6 +4,7 @@ server plays a provider that fails; a closed port plays one that is down."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import soundfile
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -102,6 +104,7 @@ PROVIDERS = """
     - {{id: remote-llama, name: tiny-llama, modality: chat, label: Tiny Llama on B}}
     - {{id: remote-sd, name: tiny-sd-turbo, modality: image}}
     - {{id: remote-joe, name: piper-joe, modality: text-to-speech}}
+    - {{id: remote-sphinx, name: pocketsphinx-en, modality: speech-to-text}}
 - name: down
   base_url: http://127.0.0.1:{closed}/v1
   max_retries: 0
@@ -198,6 +201,28 @@ def test_images_and_speech_come_from_the_provider_with_its_own_defaults(studio_a
         assert np.array_equal(np.asarray(theirs), np.asarray(ours))
     clip = synthesize(studio, SpeechRequest(text="Hello from the other studio.", model="remote-joe"), call("ui"))
     assert clip.sample_rate == 22050 and clip.seconds > 0.5 and np.abs(clip.audio).max() > 0.01
+
+
+def test_speech_to_text_comes_from_the_provider_chunk_by_chunk(studio_a, studio_b):
+    """Studio B's PocketSphinx hears Piper's words as this studio's own does; B logs the request as an OpenAI one,
+    and its languages reach this studio's checks."""
+    from studio.backends.transcription import TranscriptionRequest, transcribe, validate
+    from studio.contract import InputError
+
+    studio = studio_a[0]
+    spoken = synthesize(studio, SpeechRequest(text="Please open the door and turn on the light.", model="piper-joe"),
+                        call())
+    buffer = io.BytesIO()
+    soundfile.write(buffer, spoken.audio, spoken.sample_rate, format="WAV", subtype="PCM_16")
+    wav = buffer.getvalue()
+    theirs = transcribe(studio, TranscriptionRequest(wav, "door.wav", "remote-sphinx"), call("ui"))
+    ours = transcribe(studio, TranscriptionRequest(wav, "door.wav", "pocketsphinx-en"), call("ui"))
+    assert "open the door" in theirs.text and theirs.text == ours.text
+    assert theirs.transcript.language == "en" and len(theirs.transcript.segments) == len(ours.transcript.segments)
+    row_b = next(r for r in reversed(_rows(studio_b[1])) if r["model"] == "pocketsphinx-en")
+    assert row_b["endpoint"] == "openai:/v1/audio/transcriptions" and row_b["audio_in_seconds"] > 1
+    with pytest.raises(InputError, match="^language: remote-sphinx hears only english"):
+        validate(studio, TranscriptionRequest(wav, "door.wav", "remote-sphinx", language="fr"))
 
 
 def test_a_studio_provider_lends_its_limits_to_the_pickers_and_checks(studio_a):

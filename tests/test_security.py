@@ -138,7 +138,8 @@ def test_share_without_auth_refuses_to_start(tmp_path):
 def test_public_mode_limits(make_studio, monkeypatch, capsys):
     monkeypatch.setenv("GRADIO_ALLOWED_PATHS", str(ROOT))
     studio = make_studio("--share", "--allow-public", "--concurrency", "2", "--port", str(free_port()))
-    assert limits(studio) == Limits(public=True, queue_size=PUBLIC_QUEUE_SIZE, max_file_size="50mb", concurrency=2)
+    assert limits(studio) == Limits(public=True, queue_size=PUBLIC_QUEUE_SIZE, max_file_size=50 * 2**20,
+                                    concurrency=2)
     demo, url = launch(studio, block=False)
     try:
         assert demo.max_file_size == 50 * 2**20

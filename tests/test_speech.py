@@ -153,6 +153,7 @@ def test_stop_flags_stop_only_the_request_of_that_session():
     ("Hi.", "tiny-vits", None, -1, "seed"),
     ("Hi.", "tiny-llama", None, None, "model"),
     ("Hi \ud800.", "tiny-vits", None, None, "text"),
+    ("Hi\x00 there.", "piper-joe", None, None, "text"),
 ])
 def test_bad_input_names_the_field(studio, http, text, model, voice, seed, field):
     with pytest.raises(InputError, match=f"^{field}: "):

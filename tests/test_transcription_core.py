@@ -16,7 +16,8 @@ import torch
 from studio.backends.transcription import (AudioDecodeError, Segment, chunk_bounds, decode_audio, load_pocketsphinx,
                                            load_whisper, resample, to_srt, to_text, to_verbose_json, to_vtt,
                                            transcribe_long)
-from studio.registry import ModelSpec
+from studio.catalog import TINY_MODELS
+from studio.registry import Registry
 from studio.tiny.transcription import REAL_TEXT_TOKENS, build_whisper, whisper_tokenizer
 
 RATE = 16_000
@@ -27,9 +28,7 @@ SENTENCES = ["The weather is nice today.", "Please open the door and turn on the
 # Measured 0.059 (4 of 68 words: "the weather's" for "the weather is", "white" for "light", a lost "we") with
 # Piper's noise turned off, so the audio is the same on every run; the margin allows for other CPUs' arithmetic.
 MAX_WER = 0.10
-TINY_WHISPER = ModelSpec(id="tiny-whisper", modality="speech", label="Tiny Whisper (random weights)",
-                         loader="studio.backends.transcription:load_whisper", params=0,
-                         build="studio.tiny.transcription:build_whisper", stands_for="openai/whisper-small")
+TINY_WHISPER = Registry("tiny", TINY_MODELS).get("tiny-whisper")
 
 
 @pytest.fixture(scope="module", autouse=True)

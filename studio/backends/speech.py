@@ -40,6 +40,7 @@ CHARS_PER_SECOND = 15  # speech runs about this fast; Bark, the slowest voice, g
 # without a space, and line breaks.
 _SENTENCE_END = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+|(?<=[。！？])\s*|\s*\n\s*")
 _SOFT_BREAK = re.compile(r"[,;:—–]\s")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters other than tab and line breaks
 
 # Bark and VITS sample with torch's global generator (their generate/forward take no generator argument), so a
 # seed reproduces a clip only if no other request reseeds it meanwhile: seeded pieces take turns.
@@ -269,6 +270,11 @@ def split_sentences(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
+def speakable(text: str) -> str:
+    """`text` without the control characters a voice refuses (a random-weight chat model writes some)."""
+    return _CONTROL.sub("", text)
+
+
 def _break_point(sentence: str, max_chars: int) -> int:
     """Where to cut an over-long sentence: after the last comma-like mark, else the last space, else hard."""
     head = sentence[: max_chars + 1]
@@ -288,6 +294,7 @@ def validate(studio: Studio, req: SpeechRequest) -> tuple[ModelSpec, SpeechReque
     opts = SpeechOptions.of(spec)
     check_text("text", req.text, max_chars=MAX_TEXT_CHARS)
     require(any(ch.isalnum() for ch in req.text), "text", "has no letters or digits to speak")
+    require(not _CONTROL.search(req.text), "text", "contains control characters (such as NUL), which have no sound")
     voices = list(opts.voices or ())
     if req.voice is not None and opts.voices is not None:
         known = f"one of {', '.join(voices)}" if voices else "none (this model has a single voice; leave it out)"
@@ -324,7 +331,7 @@ def synthesize(studio: Studio, req: SpeechRequest, call: Call) -> SpeechResult:
         seconds = audio.size / speech.sample_rate
         rtf = (time.perf_counter() - started) / seconds if seconds else 0.0
         result = SpeechResult(audio, speech.sample_rate, seconds, rtf, len(clips), len(pieces), seed, stopped)
-        rec.set(audio_seconds=round(seconds, 3), pieces=len(clips), stopped=stopped)
+        rec.set(audio_seconds=round(seconds, 3), pieces=len(clips), rtf=round(rtf, 4), stopped=stopped)
     call.report(1.0, "Stopped" if stopped else "Done")
     return result
 

@@ -1,11 +1,16 @@
-"""Speech to text: Whisper (transformers) and the offline PocketSphinx model, audio decoding, chunking and the
-output formats of OpenAI's `/v1/audio/transcriptions`.
+"""Speech to text: Whisper (transformers), the offline PocketSphinx model or an external provider's model, behind
+one service behind the Speech tab's "Speech to text", `POST /generate/transcript`, `/v1/audio/transcriptions`, the
+Gradio client / MCP tool and the voice chat; audio decoding, chunking and the output formats of OpenAI's API.
 
 Each loader returns a dataclass with `sample_rate`, `languages` (ISO 639-1 codes it can be told, or None),
 `max_chunk_seconds` and one method, `transcribe(samples, language, prompt, temperature) -> ChunkTranscript`, for
 one chunk of float32 mono audio at `sample_rate`: the only place that knows the model's own calling convention.
 `transcribe_long` splits longer audio at quiet points into chunks the model takes, shifts their timestamps, reports
 progress per chunk and stops between chunks when asked, keeping what it has.
+
+A silent or empty recording is not an error: it gives an empty text (Whisper would make words up from silence,
+so silent chunks never reach a model). A file that is not audio, or longer than --max-audio-seconds, or larger
+than --max-upload-size, is refused naming the field `file`.
 """
 
 from __future__ import annotations
@@ -13,15 +18,22 @@ from __future__ import annotations
 import io
 import re
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import openai
 import torch
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
+from studio.backends.remote import ProviderClient, calling, connect_client
+from studio.contract import InputError, ModelOptions, check_range, check_text, require
 from studio.registry import ModelSpec
+from studio.runtime import Call, Studio
 
 FRAME_SECONDS = 0.1  # energy frames for finding quiet cut points and silent chunks
 CUT_SEARCH_SECONDS = 5.0  # a chunk ends at the quietest frame of its last 5 seconds
@@ -32,10 +44,27 @@ SPHINX_PAUSE_SECONDS = 0.3  # a pause this long between two words starts a new s
 SPHINX_SEGMENT_SECONDS = 10.0  # and so does a segment this long: subtitle cues stay readable
 _SPHINX_FILLER = re.compile(r"^(<.*>|\[.*\]|\+\+.*\+\+)$")  # <s>, </s>, <sil>, [NOISE], ++GARBAGE++
 _SPHINX_VARIANT = re.compile(r"\(\d+\)$")  # "read(2)": the dictionary's second pronunciation of "read"
+MAX_PROMPT_CHARS = 2000  # Whisper reads only the prompt's last 223 tokens anyway
+PROVIDER_CHUNK_SECONDS = 600.0  # 10 minutes of 16 kHz 16-bit WAV is 19 MB, under OpenAI's 25 MB per file
+BYTES_PER_AUDIO_SECOND = 4000  # 32 kbit/s, about the leanest speech file: a duration guess that errs long
+GPU_RTF = 0.05  # Whisper-small on a ZeroGPU slice transcribes some 20 times faster than real time
+# whisper-small's 99 languages (large-v3 added Cantonese, "yue", as a 100th).
+WHISPER_LANGUAGES = tuple(code for code in LANGUAGES if code != "yue")
 
 
-class AudioDecodeError(ValueError):
-    """The bytes are not audio that any decoder here can read; the message starts with the field's name."""
+class AudioDecodeError(InputError):
+    """The upload is not audio that any decoder here can read, or too long: an input error about `file`."""
+
+    def __init__(self, message: str):
+        super().__init__("file", message)
+
+
+@dataclass(frozen=True)
+class TranscriptionOptions(ModelOptions):
+    """A speech-to-text model's defaults and caps (a catalog entry overrides them)."""
+
+    languages: tuple[str, ...] | None = WHISPER_LANGUAGES  # the codes `language` takes; one: the model hears
+    # only that language and detects nothing
 
 
 @dataclass
@@ -72,6 +101,27 @@ class Transcript:
         return to_text(self.segments)
 
 
+@dataclass
+class TranscriptionRequest:
+    audio: bytes  # the whole file as uploaded or recorded: WAV, FLAC, OGG, MP3, M4A, WebM...
+    filename: str | None = None  # its name, for messages
+    model: str | None = None  # None: the first speech-to-text model
+    language: str | None = None  # ISO 639-1 code ("en"); None: detected (or the model's only language)
+    prompt: str | None = None  # words and style to follow (Whisper); PocketSphinx ignores it
+    temperature: float | None = None  # 0 to 1; None: greedy (0) here, the provider's choice for external models
+
+
+@dataclass
+class TranscriptionResult:
+    transcript: Transcript  # segments, language, duration, stopped, chunks
+    model: str
+    rtf: float  # real-time factor: seconds of compute per second of audio (below 1 is faster than real time)
+
+    @property
+    def text(self) -> str:
+        return self.transcript.text
+
+
 # ---------------------------------------------------------------------------------------------- models
 
 
@@ -89,7 +139,10 @@ class WhisperTranscriber:
         features = features.input_features.to(self.model.device, self.model.dtype)
         kwargs = {}
         if prompt:
-            kwargs["prompt_ids"] = self.processor.get_prompt_ids(prompt, return_tensors="pt").to(self.model.device)
+            ids = self.processor.get_prompt_ids(prompt, return_tensors="pt")  # <|startofprev|>, then the text
+            # As OpenAI's Whisper does, keep the prompt's end: half the decoder's window, less <|startofprev|>.
+            keep = self.model.config.max_target_positions // 2 - 1
+            kwargs["prompt_ids"] = torch.cat([ids[:1], ids[1:][-keep:]]).to(self.model.device)
         with torch.inference_mode():
             language = language or self._detect(features)
             out = self.model.generate(features, language=language, task="transcribe", temperature=temperature,
@@ -191,37 +244,55 @@ def load_pocketsphinx(spec: ModelSpec, path: Path | None, device: str, dtype: st
 # ---------------------------------------------------------------------------------------------- audio
 
 
-def decode_audio(data: bytes, filename: str | None = None) -> tuple[np.ndarray, int]:
+def decode_audio(data: bytes, filename: str | None = None,
+                 max_seconds: float | None = None) -> tuple[np.ndarray, int]:
     """float32 mono samples and their rate. libsndfile reads WAV, FLAC, OGG (Vorbis, Opus) and MP3; anything else
-    (M4A/AAC, WebM from a browser's recorder...) goes through FFmpeg's decoders in PyAV."""
+    (M4A/AAC, WebM from a browser's recorder...) goes through FFmpeg's decoders in PyAV. A recording longer than
+    `max_seconds` is refused before it is all decoded (a small file can hold hours of audio)."""
     import soundfile
 
     name = f" {filename!r}" if filename else ""
     if not data:
-        raise AudioDecodeError(f"file: the file{name} is empty")
+        raise AudioDecodeError(f"the file{name} is empty")
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return samples.mean(axis=1), int(rate)
+        with soundfile.SoundFile(io.BytesIO(data)) as sound:
+            _check_length(sound.frames / sound.samplerate, max_seconds)
+            return sound.read(dtype="float32", always_2d=True).mean(axis=1), int(sound.samplerate)
     except soundfile.SoundFileError:
         pass
     try:
-        return _decode_av(data)
+        return _decode_av(data, max_seconds)
+    except AudioDecodeError:
+        raise
     except Exception as exc:  # PyAV raises a family of FFmpeg errors, and ValueError/IndexError for no audio stream
-        raise AudioDecodeError(f"file: the file{name} is not audio that can be decoded "
+        raise AudioDecodeError(f"the file{name} is not audio that can be decoded "
                                f"(WAV, FLAC, OGG, MP3, M4A/AAC, WebM...)") from exc
 
 
-def _decode_av(data: bytes) -> tuple[np.ndarray, int]:
+def _decode_av(data: bytes, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import av
 
+    parts, total = [], 0
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = container.streams.audio[0]
-        rate = stream.rate
+        rate = int(stream.rate)
         mono = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        frames = [out for frame in container.decode(stream) for out in mono.resample(frame)]
-        frames += mono.resample(None)
-    parts = [frame.to_ndarray().reshape(-1) for frame in frames]
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)).astype(np.float32), int(rate)
+        for frame in chain(container.decode(stream), [None]):  # None: flush the resampler
+            for out in mono.resample(frame):
+                parts.append(out.to_ndarray().reshape(-1))
+                total += out.samples
+                _check_length(total / rate, max_seconds)  # many containers do not say their length up front
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)).astype(np.float32), rate
+
+
+def _check_length(seconds: float, max_seconds: float | None) -> None:
+    if max_seconds is not None and seconds > max_seconds:
+        raise AudioDecodeError(f"the recording is longer than the limit of {_minutes(max_seconds)} "
+                               f"(--max-audio-seconds); split it, or transcribe its parts one by one")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -270,7 +341,7 @@ def is_silent(samples: np.ndarray, rate: int) -> bool:
 
 
 def transcribe_long(model: Any, samples: np.ndarray, rate: int, *, language: str | None = None,
-                    prompt: str | None = None, temperature: float = 0.0, cancel: threading.Event | None = None,
+                    prompt: str | None = None, temperature: float | None = 0.0, cancel: threading.Event | None = None,
                     progress: Callable[[float, str], None] | None = None) -> Transcript:
     """Transcribe audio of any length chunk by chunk; a set `cancel` ends it after the current chunk with the
     segments so far. Without a language, the first chunk with sound decides it for the rest (as OpenAI's Whisper
@@ -296,6 +367,77 @@ def transcribe_long(model: Any, samples: np.ndarray, rate: int, *, language: str
     if progress is not None:
         progress(1.0, "Stopped" if stopped else "Done")
     return Transcript(segments, language, len(samples) / rate, stopped, done, len(bounds))
+
+
+# ---------------------------------------------------------------------------------------------- the service
+
+
+def validate(studio: Studio, req: TranscriptionRequest) -> tuple[ModelSpec, TranscriptionRequest, np.ndarray, int]:
+    """The model, the request with its defaults, and the decoded audio (samples, rate); raises InputError naming
+    the first bad field. Decoding comes last: it is the one check that costs time."""
+    spec = studio.model(req.model, "speech-to-text")
+    opts = TranscriptionOptions.of(spec)
+    require(isinstance(req.audio, bytes) and bool(req.audio), "file", "is required: an audio file (WAV, FLAC, OGG, "
+                                                                       "MP3, M4A, WebM...) or a recording")
+    limit = studio.upload_limit
+    require(len(req.audio) <= limit, "file", f"is larger than the limit of {limit / 1e6:g} MB (--max-upload-size)")
+    require(req.language is None or isinstance(req.language, str), "language", "must be an ISO 639-1 code such as en")
+    language = req.language.strip().lower() if req.language and req.language.strip() else None
+    if language is not None:
+        check_language(language, opts.languages, spec.id)
+    if req.prompt is not None:
+        check_text("prompt", req.prompt, max_chars=MAX_PROMPT_CHARS, required=False)
+    temperature = req.temperature
+    if temperature is not None:
+        check_range("temperature", temperature, 0, 1)
+    elif not spec.external:
+        temperature = 0.0  # greedy, as OpenAI's default
+    samples, rate = decode_audio(req.audio, req.filename, studio.settings.max_audio_seconds)
+    return spec, replace(req, model=spec.id, language=language, prompt=req.prompt or None,
+                         temperature=temperature), samples, rate
+
+
+def check_language(language: str, known: tuple[str, ...] | list[str] | None, model_id: str) -> None:
+    """`language` is one the model can be told (None: whatever its provider takes)."""
+    if known is None:
+        return
+    if len(known) == 1:
+        require(language == known[0], "language", f"{model_id} hears only {language_name(known[0])} "
+                                                   f"({known[0]}); leave the language out or set {known[0]!r}")
+    require(language in known, "language", f"{language!r} is not a language {model_id} knows; expected an ISO "
+                                           f"639-1 code such as en, de, fr, es, ja, zh (or none, to detect it)")
+
+
+def gpu_seconds(req: TranscriptionRequest) -> float:
+    """A guess before decoding: the file's size at a lean bit rate, at a GPU's pace, plus the model's start."""
+    return 5.0 + len(req.audio or b"") / BYTES_PER_AUDIO_SECOND * GPU_RTF
+
+
+def transcribe(studio: Studio, req: TranscriptionRequest, call: Call) -> TranscriptionResult:
+    """Transcribe the recording chunk by chunk; a stopped call ends after the current chunk with the text so far.
+
+    Raises InputError for bad input before anything is transcribed. A silent or empty recording gives an empty
+    text."""
+    spec, req, samples, rate = validate(studio, req)
+    with studio.generation(spec, call, language=req.language) as (lease, rec):
+        model = lease.model
+        if req.language is not None:  # what the loaded model really takes (an English-only Whisper takes none)
+            check_language(req.language, model.languages, spec.id)
+        rec.set(prompt=req.prompt)
+
+        def report(fraction: float, text: str) -> None:
+            if fraction > 0:
+                rec.first_output()  # the first chunk is done
+            call.report(fraction, text)
+
+        started = time.perf_counter()
+        transcript = transcribe_long(model, samples, rate, language=req.language, prompt=req.prompt,
+                                     temperature=req.temperature, cancel=call.cancel, progress=report)
+        seconds = time.perf_counter() - started
+        rtf = seconds / transcript.duration if transcript.duration else 0.0
+        rec.set(audio_in_seconds=round(transcript.duration, 3), characters=len(transcript.text),
+                rtf=round(rtf, 4), language=transcript.language, chunks=transcript.chunks, stopped=transcript.stopped)
+    return TranscriptionResult(transcript, spec.id, rtf)
 
 
 # ---------------------------------------------------------------------------------------------- output formats
@@ -334,8 +476,6 @@ def compression_ratio(text: str) -> float:
 
 def language_name(code: str | None) -> str:
     """OpenAI's verbose_json names the language in English, lower case ("english")."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
     return LANGUAGES.get(code or "", code or "")
 
 
@@ -352,3 +492,41 @@ def to_verbose_json(segments: list[Segment], language: str | None, duration: flo
                       "no_speech_prob": s.no_speech_prob} for i, s in enumerate(segments)],
         "usage": {"type": "duration", "seconds": round(duration, 3)},
     }
+
+
+# ---------------------------------------------------------------------------------------------- external models
+
+
+def connect(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> ProviderTranscriber:
+    """The cache's loader for an external speech-to-text model: a client, no weights."""
+    return ProviderTranscriber(*connect_client(spec))
+
+
+@dataclass
+class ProviderTranscriber(ProviderClient):
+    """A provider's `/v1/audio/transcriptions`, with the local models' interface: long audio is chunked, stopped,
+    timed and logged exactly as with a local model, and each chunk goes up as a 16 kHz WAV file."""
+
+    sample_rate: int = 16_000
+    languages: list[str] | None = None  # the provider decides
+    max_chunk_seconds: float = PROVIDER_CHUNK_SECONDS
+
+    def transcribe(self, samples: np.ndarray, language: str | None, prompt: str | None,
+                   temperature: float | None) -> ChunkTranscript:
+        import soundfile
+
+        wav = io.BytesIO()
+        soundfile.write(wav, np.clip(samples, -1.0, 1.0), self.sample_rate, format="WAV", subtype="PCM_16")
+        with calling(self):
+            answer = self.client.audio.transcriptions.create(
+                model=self.model, file=("audio.wav", wav.getvalue(), "audio/wav"), response_format="verbose_json",
+                language=language or openai.omit, prompt=prompt or openai.omit,
+                temperature=openai.omit if temperature is None else temperature)
+        segments = [Segment(float(s.start), float(s.end), s.text.strip(), list(s.tokens or []),
+                            float(s.temperature or 0.0), float(s.avg_logprob or 0.0), float(s.no_speech_prob or 0.0))
+                    for s in getattr(answer, "segments", None) or [] if s.text.strip()]
+        text = (answer.text or "").strip()
+        if not segments and text:  # a server that answers verbose_json without segments: one for the chunk
+            segments = [Segment(0.0, len(samples) / self.sample_rate, text)]
+        said = getattr(answer, "language", None)  # a name in verbose_json ("english")
+        return ChunkTranscript(segments, language or (TO_LANGUAGE_CODE.get(said.lower(), said) if said else None))

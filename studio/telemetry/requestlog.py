@@ -208,11 +208,12 @@ class Recorder:
     `set(stopped=True)` logs the generation as stopped; a streaming backend sets `stopped=False` when it reaches
     its end, so a consumer that closes the stream after the final event is not mistaken for a stop."""
 
-    def __init__(self, **fields: Any):
+    def __init__(self, request_id: str | None = None, **fields: Any):
         self.fields: dict[str, Any] = fields
         self.started = time.monotonic()
         self.ts = datetime.now(timezone.utc)
-        self.request_id = REQUEST_ID.get() or os.urandom(16).hex()
+        # The caller's id (a UI generation's, which its error message shows), else the HTTP request's.
+        self.request_id = request_id or REQUEST_ID.get() or os.urandom(16).hex()
 
     def set(self, **fields: Any) -> None:
         self.fields.update(fields)

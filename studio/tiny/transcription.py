@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from studio.backends.transcription import WHISPER_LANGUAGES
 from studio.registry import ModelSpec
 from studio.tiny import seeded
 from studio.tiny.text import CORPUS
@@ -25,13 +26,6 @@ WHISPER_SMALL = {"d_model": 768, "encoder_layers": 12, "decoder_layers": 12, "en
                  "decoder_attention_heads": 12, "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072}
 WHISPER_TINY = {"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
                 "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
-
-
-def _languages() -> list[str]:
-    """whisper-small's 99 language codes in token order (large-v3 appended Cantonese, "yue", as a 100th)."""
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    return [code for code in LANGUAGES if code != "yue"]
 
 
 def whisper_tokenizer(text_tokens: int = TINY_TEXT_TOKENS):
@@ -47,7 +41,7 @@ def whisper_tokenizer(text_tokens: int = TINY_TEXT_TOKENS):
     # A tiny corpus runs out of merges early: filler tokens (never produced by encoding) keep the id layout.
     vocab.update({f"<filler{i}>": i for i in range(len(vocab), text_tokens)})
     vocab["<|endoftext|>"] = text_tokens
-    specials = ["<|startoftranscript|>", *(f"<|{code}|>" for code in _languages()), "<|translate|>",
+    specials = ["<|startoftranscript|>", *(f"<|{code}|>" for code in WHISPER_LANGUAGES), "<|translate|>",
                 "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nocaptions|>", "<|notimestamps|>"]
     tokenizer = WhisperTokenizer(vocab=vocab, merges=_merges(bpe))
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
@@ -74,7 +68,7 @@ def generation_config(tokenizer) -> dict:
     return {
         "decoder_start_token_id": ids("<|startoftranscript|>"), "bos_token_id": eot, "eos_token_id": eot,
         "pad_token_id": eot, "max_length": 448, "is_multilingual": True,
-        "lang_to_id": {f"<|{code}|>": ids(f"<|{code}|>") for code in _languages()},
+        "lang_to_id": {f"<|{code}|>": ids(f"<|{code}|>") for code in WHISPER_LANGUAGES},
         "task_to_id": {"transcribe": ids("<|transcribe|>"), "translate": ids("<|translate|>")},
         "no_timestamps_token_id": ids("<|notimestamps|>"), "prev_sot_token_id": ids("<|startofprev|>"),
         "max_initial_timestamp_index": 50, "return_timestamps": False,

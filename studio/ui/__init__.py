@@ -1,13 +1,20 @@
 """The Gradio Blocks app: a tab per registered modality (modalities with the same title share one tab, a sub-tab
-each), then Analytics and Models. Each tab lives in its own module."""
+each, and so do the views below), then Analytics and Models. Each tab lives in its own module."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import gradio as gr
 
 from studio import modalities
 from studio.runtime import Studio
-from studio.ui import analytics_tab, models_tab
+from studio.ui import analytics_tab, models_tab, voice_chat_tab
+
+# Views that use several modalities at once, each a sub-tab of the tab with its title: (title, label, id, build).
+VIEWS: tuple[tuple[str, str, str, Callable[[Studio], None]], ...] = (
+    ("Chat", "Voice chat", "voice-chat", voice_chat_tab.build),
+)
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -16,18 +23,21 @@ def build_ui(studio: Studio) -> gr.Blocks:
                     "machine.")
         if studio.notice:
             gr.Markdown(f"> **Offline mode.** {studio.notice}", elem_id="profile-notice")
-        tabs: dict[str, list[modalities.Modality]] = {}
+        tabs: dict[str, list[tuple[str, str, modalities.Ref]]] = {}  # title -> (label, id, build) of each part
         for modality in modalities.registered():
             if modality.tab:
-                tabs.setdefault(modality.title, []).append(modality)
+                tabs.setdefault(modality.title, []).append((modality.subtitle or modality.name, modality.name,
+                                                            modality.tab))
+        for title, label, view_id, build in VIEWS:
+            tabs.setdefault(title, []).append((label, view_id, build))
         for title, members in tabs.items():
             with gr.Tab(title, id=title.lower()):
                 if len(members) == 1:
-                    modalities.resolve(members[0].tab)(studio)
+                    modalities.resolve(members[0][2])(studio)
                     continue
-                for member in members:
-                    with gr.Tab(member.subtitle or member.name, id=member.name):
-                        modalities.resolve(member.tab)(studio)
+                for label, part_id, build in members:
+                    with gr.Tab(label, id=part_id):
+                        modalities.resolve(build)(studio)
         with gr.Tab("Analytics", id="analytics"):
             analytics_tab.build(studio)
         with gr.Tab("Models", id="models"):

@@ -112,17 +112,22 @@ class StopFlags:
 
 class Runner(Generic[R, T]):
     """Runs one modality's service for its tab (`session` given: Stop works) and for its Gradio client / MCP
-    endpoint (`entry`: the endpoint's api_name, for the request log)."""
+    endpoint (`entry`: the endpoint's api_name, for the request log).
 
-    def __init__(self, studio: Studio, modality: str, service: Callable[[Studio, R, Call], T]):
+    A service that combines modalities (voice chat) names itself instead of a modality and brings its own
+    `gpu_seconds` estimate; its name labels the request log's endpoint ("ui:voice-chat")."""
+
+    def __init__(self, studio: Studio, modality: str, service: Callable[[Studio, R, Call], T],
+                 gpu_seconds: Callable[[R], float] | None = None):
         self.studio = studio
         self.modality = modality
         self.service = service
         self.flags = StopFlags()
-        estimate = modalities.get(modality).gpu_seconds
-        seconds = modalities.resolve(estimate) if estimate else (lambda _req: 0.0)
+        if gpu_seconds is None:
+            estimate = modalities.get(modality).gpu_seconds
+            gpu_seconds = modalities.resolve(estimate) if estimate else (lambda _req: 0.0)
         # On ZeroGPU the GPU exists only inside these calls; their arguments must pickle (a request, plain values).
-        duration = lambda req, *_, **__: spaces.reserve(seconds(req))  # noqa: E731
+        duration = lambda req, *_, **__: spaces.reserve(gpu_seconds(req))  # noqa: E731
         self.run: Callable[..., T] = spaces.gpu(duration)(self._run)
         self.stream: Callable[..., Iterator[Any]] = spaces.gpu(duration)(self._stream)
 

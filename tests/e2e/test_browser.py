@@ -56,17 +56,19 @@ REPLY = '#chat-history [data-testid="bot"]'
 PROGRESS = ".progress-level-inner"  # the progress bar's text, e.g. "image 1/1 · step 3/50"
 
 
-def open_tab(page: Page, name: str) -> Locator:
-    """Click a tab and return its panel (Playwright's role selectors skip the hidden panels of other tabs)."""
-    page.get_by_role("tab", name=name, exact=True).click()
-    panel = page.get_by_role("tabpanel")
+def open_tab(page: Page, *names: str) -> Locator:
+    """Click a tab (then a sub-tab of it, when named) and return the innermost panel shown: a tab with sub-tabs
+    shows its panel and its selected sub-tab's (Playwright's role selectors skip the hidden panels)."""
+    for name in names:
+        page.get_by_role("tab", name=name, exact=True).click()
+    panel = page.get_by_role("tabpanel").filter(has_not=page.get_by_role("tabpanel"))
     expect(panel).to_have_count(1)
     return panel
 
 
-def open_studio(page: Page, url: str, tab: str) -> Locator:
+def open_studio(page: Page, url: str, *tabs: str) -> Locator:
     page.goto(url)
-    return open_tab(page, tab)
+    return open_tab(page, *tabs)
 
 
 def fill(box: Locator, value: float | str) -> None:
@@ -261,15 +263,16 @@ def test_login_when_auth_is_on(auth_server, page):
     log_in(page, *LOGIN)
     for tab in ("Chat", "Speech", "Image", "3D", "Video", "Analytics", "Models"):
         expect(page.get_by_role("tab", name=tab, exact=True)).to_be_visible()
-    send_chat(page.get_by_role("tabpanel"), "logged in")  # the queue works with the login cookie
+    send_chat(open_tab(page, "Chat"), "logged in")  # the queue works with the login cookie
     assert last_row(auth_server, "chat")["status"] == "ok"
 
 
 def test_the_page_contacts_only_the_studio(server, auth_server, page, requested_urls):
     """Checked over every request of every page in this module (generations, players, viewer, plots, login)."""
     open_studio(page, server.url, "Chat")
-    for tab in ("Speech", "Image", "3D", "Video", "Analytics", "Models"):
-        open_tab(page, tab)
+    for tabs in (("Chat", "Voice chat"), ("Speech",), ("Speech", "Speech to text"), ("Image",), ("3D",),
+                 ("Video",), ("Analytics",), ("Models",)):
+        open_tab(page, *tabs)
     own = {urlsplit(server.url).netloc, urlsplit(auth_server.url).netloc}
     elsewhere = {url for url in requested_urls if urlsplit(url).scheme not in LOCAL_SCHEMES
                  and urlsplit(url).netloc not in own}
