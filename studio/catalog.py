@@ -16,6 +16,7 @@ from studio.weights import is_cached
 
 GPU_HALF = {"cuda": "float16", "mps": "float16", "cpu": "float32"}
 GPU_BF16 = {"cuda": "bfloat16", "mps": "float16", "cpu": "bfloat16"}
+IMAGE_LOADER = "studio.backends.image_pipelines:load_pipeline"  # every image family's (studio.backends.image_families)
 
 PIPER = ModelSpec(
     id="piper-joe", modality="text-to-speech", label="Piper · Joe (US English, offline)",
@@ -41,18 +42,23 @@ DEFAULT_MODELS = (
     ModelSpec(id="mms-tts-eng", modality="text-to-speech", label="MMS-TTS English (VITS)", repo="facebook/mms-tts-eng",
               loader="studio.backends.speech:load_vits", params=36_300_000),
     PIPER,
-    ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo",
-              loader="studio.backends.image:load_stable_diffusion", params=1_300_000_000, dtypes=GPU_HALF,
-              options={"steps": 1, "max_steps": 4, "guidance": 0.0, "max_size": 768, "negative_prompt": False}),
-    ModelSpec(id="sd-1.5", modality="image", label="Stable Diffusion 1.5",
-              repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
-              loader="studio.backends.image:load_stable_diffusion", params=1_066_000_000, dtypes=GPU_HALF),
+    ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo", family="sd2-turbo",
+              loader=IMAGE_LOADER, params=1_300_000_000, dtypes=GPU_HALF),
+    ModelSpec(id="sd-1.5", modality="image", label="Stable Diffusion 1.5", family="sd15",
+              repo="stable-diffusion-v1-5/stable-diffusion-v1-5", loader=IMAGE_LOADER, params=1_066_000_000,
+              dtypes=GPU_HALF),
     ModelSpec(id="shap-e", modality="3d", label="Shap-E (OpenAI)", repo="openai/shap-e",
               loader="studio.backends.shape:load_shap_e", params=640_000_000, dtypes=GPU_HALF),
+    ModelSpec(id="shap-e-img2img", modality="3d", label="Shap-E image to 3D (OpenAI)", repo="openai/shap-e-img2img",
+              loader="studio.backends.shape:load_shap_e", params=780_000_000, dtypes=GPU_HALF,
+              options={"input": "image", "guidance": 3.0}),
 )
 
 TINY_CHAT = {"context_length": 256, "max_new_tokens": 128, "default_max_new_tokens": 64}
 TINY_IMAGE = {"width": 64, "height": 64, "max_size": 128}
+TINY_STEPS = {"steps": 4, "max_steps": 50}
+TINY_SHAPE = {"steps": 4, "max_steps": 64, "frame_size": 32, "max_frame_size": 64, "grid_size": 32,
+              "render_samples": (8, 16)}
 
 TINY_MODELS = (
     ModelSpec(id="tiny-llama", modality="chat", label="Tiny Llama (random weights)",
@@ -70,19 +76,28 @@ TINY_MODELS = (
               build="studio.tiny.speech:build_vits", loader="studio.backends.speech:load_vits", params=500_000,
               stands_for="facebook/mms-tts-eng"),
     PIPER,
-    ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)",
-              build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
-              params=2_000_000, stands_for="stabilityai/sd-turbo",
-              options={**TINY_IMAGE, "steps": 1, "max_steps": 4, "guidance": 0.0, "negative_prompt": False}),
-    ModelSpec(id="tiny-sd", modality="image", label="Tiny Stable Diffusion 1.5 (random weights)",
-              build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
-              params=2_000_000, stands_for="stable-diffusion-v1-5/stable-diffusion-v1-5",
-              options={**TINY_IMAGE, "steps": 4, "max_steps": 50}),
+    ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)", family="sd2-turbo",
+              build="studio.tiny.image:build_stable_diffusion", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stabilityai/sd-turbo", options=TINY_IMAGE),
+    ModelSpec(id="tiny-sd", modality="image", label="Tiny Stable Diffusion 1.5 (random weights)", family="sd15",
+              build="studio.tiny.image:build_stable_diffusion", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stable-diffusion-v1-5/stable-diffusion-v1-5", options={**TINY_IMAGE, **TINY_STEPS}),
+    ModelSpec(id="tiny-sdxl", modality="image", label="Tiny SDXL (random weights)", family="sdxl",
+              build="studio.tiny.image:build_sdxl", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stabilityai/stable-diffusion-xl-base-1.0", options={**TINY_IMAGE, **TINY_STEPS}),
+    ModelSpec(id="tiny-sd3", modality="image", label="Tiny Stable Diffusion 3 (random weights, no T5)", family="sd3",
+              build="studio.tiny.image:build_sd3", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stabilityai/stable-diffusion-3-medium-diffusers", options={**TINY_IMAGE, **TINY_STEPS}),
+    ModelSpec(id="tiny-sd15-file", modality="image", label="Tiny SD 1.5 single-file checkpoint (random weights)",
+              family="sd15", build="studio.tiny.image:build_single_file", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="v1-5-pruned-emaonly.safetensors", options={**TINY_IMAGE, **TINY_STEPS}),
     ModelSpec(id="tiny-shap-e", modality="3d", label="Tiny Shap-E (random weights)",
               build="studio.tiny.shape:build_shap_e", loader="studio.backends.shape:load_shap_e", params=3_000_000,
               stands_for="openai/shap-e",
-              options={"steps": 4, "max_steps": 64, "frame_size": 32, "max_frame_size": 64, "grid_size": 32,
-                       "render_samples": (8, 16)}),
+              options=TINY_SHAPE),
+    ModelSpec(id="tiny-shap-e-img2img", modality="3d", label="Tiny Shap-E image to 3D (random weights)",
+              build="studio.tiny.shape:build_shap_e_img2img", loader="studio.backends.shape:load_shap_e",
+              params=3_000_000, stands_for="openai/shap-e-img2img", options={**TINY_SHAPE, "input": "image"}),
 )
 
 

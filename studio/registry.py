@@ -44,6 +44,8 @@ class ModelSpec:
     stands_for: str | None = None  # tiny profile: the real model this one mimics
     provider: Provider | None = None  # served by this external provider instead of a local load
     remote: str | None = None  # the provider's name for the model
+    # Its family within the modality (`studio.contract.Family`): the defaults and caps under `options`.
+    family: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def dtype(self, device: str) -> str:

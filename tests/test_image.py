@@ -106,7 +106,7 @@ def test_each_image_of_a_batch_is_reproduced_by_its_own_settings(studio):
     assert [im.size for im in batch.images] == [(72, 64)] * 2
     settings = batch.image_settings(1)
     assert settings["seed"] == batch.seed + 1 and settings["n"] == 1
-    alone = generate_images(studio, ImageRequest(**settings), call())
+    alone = generate_images(studio, ImageRequest.from_settings(settings), call())
     assert np.array_equal(pixels(alone), pixels(batch, 1))
 
 

@@ -205,7 +205,7 @@ def test_gradio_client_generate_3d(live_server):
     _studio, url = live_server
     client = Client(url, verbose=False)
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_3d"]["parameters"]
-    assert [p["parameter_name"] for p in params] == ["prompt", "guidance", "steps", "seed", "model"]
+    assert [p["parameter_name"] for p in params] == ["prompt", "guidance", "steps", "seed", "model", "image"]
     path = client.predict(prompt=PROMPT, steps=1, seed=5, api_name="/generate_3d")
     mesh = trimesh.load(path, force="mesh")
     assert Path(path).suffix == ".glb" and len(mesh.faces) > 0 and colours(mesh).std() > 0

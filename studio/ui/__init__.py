@@ -8,6 +8,7 @@ import gradio as gr
 from studio import modalities
 from studio.runtime import Studio
 from studio.ui import analytics_tab, models_tab
+from studio.ui.controls import handing_off
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
@@ -19,16 +20,18 @@ def build_ui(studio: Studio) -> gr.Blocks:
         for modality in modalities.registered():
             if modality.tab:
                 tabs.setdefault(modality.title, []).append(modality)
-        for title, members in tabs.items():
-            with gr.Tab(title, id=title.lower()):
-                if len(members) == 1:
-                    modalities.resolve(members[0].tab)(studio)
-                    continue
-                for member in members:
-                    with gr.Tab(member.subtitle or member.name, id=member.name):
-                        modalities.resolve(member.tab)(studio)
-        with gr.Tab("Analytics", id="analytics"):
-            analytics_tab.build(studio)
-        with gr.Tab("Models", id="models"):
-            models_tab.build(studio)
+        with gr.Tabs() as tab_bar, handing_off(tab_bar) as handoffs:
+            for title, members in tabs.items():
+                handoffs.tab = title.lower()
+                with gr.Tab(title, id=title.lower()):
+                    if len(members) == 1:
+                        modalities.resolve(members[0].tab)(studio)
+                        continue
+                    for member in members:
+                        with gr.Tab(member.subtitle or member.name, id=member.name):
+                            modalities.resolve(member.tab)(studio)
+            with gr.Tab("Analytics", id="analytics"):
+                analytics_tab.build(studio)
+            with gr.Tab("Models", id="models"):
+                models_tab.build(studio)
     return demo
