@@ -116,6 +116,6 @@ register(built_in("text-to-speech", "speech", "Speech", "SpeechOptions", subtitl
                   columns=("audio_seconds", "pieces"),
                   totals=(Total("clips"), Total("audio seconds", "audio_seconds"))))
 register(built_in("image", "image", "Image", "ImageOptions", columns=("images", "output_pixels"),
-                  totals=(Total("images", "images"),)))
+                  totals=(Total("images", "images"),), detect="studio.backends.image_families:detect"))
 register(built_in("3d", "shape", "3D", "ShapeOptions", external=False, columns=("faces",),
                   totals=(Total("3D meshes"),)))

@@ -6,6 +6,8 @@ Real models come from the Hugging Face cache; the Hub is contacted only when the
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -74,9 +76,23 @@ def _ignore(spec: ModelSpec) -> list[str]:
     return ignore
 
 
+def tiny_folder(spec: ModelSpec) -> Path:
+    """Where a tiny-profile model is built: its id and a fingerprint of the builders' code, so that a changed
+    builder builds afresh, beside the old build (which a studio running the old code may still be reading)."""
+    return tiny_root() / f"{spec.id}-{_builders_fingerprint()}"
+
+
+@functools.cache
+def _builders_fingerprint() -> str:
+    digest = hashlib.sha1()
+    for source in sorted((Path(__file__).parent / "tiny").glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def _build_tiny(spec: ModelSpec) -> Path:
     """Build once into a temporary folder, then rename: concurrent builders never see a half-written model."""
-    folder = tiny_root() / spec.id
+    folder = tiny_folder(spec)
     if (folder / BUILD_MARK).exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -124,8 +140,8 @@ def _stored_size(code: str) -> int:
 def estimate_bytes(spec: ModelSpec, dtype: str) -> int:
     """Before loading: the safetensors headers when the files are local, else the registry's parameter count."""
     folder: Path | None = None
-    if spec.build and (tiny_root() / spec.id / BUILD_MARK).exists():
-        folder = tiny_root() / spec.id
+    if spec.build and (tiny_folder(spec) / BUILD_MARK).exists():
+        folder = tiny_folder(spec)
     elif spec.repo and is_cached(spec):
         from huggingface_hub import snapshot_download
 

@@ -52,9 +52,31 @@ def _clip_text(tokenizer, width: int, projection: bool = False):
 def _vae(sample_size: int, latent_channels: int = 4, **extra):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=latent_channels,
-                         norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size, **extra)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_channels=latent_channels,
+                        norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=sample_size, **extra)
+    return _like_trained(vae, sample_size)
+
+
+def _like_trained(vae, sample_size: int):
+    """Give a random VAE two properties of a trained one that image-to-image and inpainting rely on.
+
+    - A posterior of almost no variance: a trained encoder's log-variance is very negative; a random one's is
+      about 0, so every encode would add noise of spread 1 and a low strength would redraw as much as a high one.
+    - Latents of unit spread after `scaling_factor`, the way Stable Diffusion's 0.18215 was chosen: the noise a
+      strength adds is then in proportion to the image's latents, as with the real models.
+    """
+    import torch
+
+    channels = vae.config.latent_channels
+    moments = vae.quant_conv if vae.quant_conv is not None else vae.encoder.conv_out
+    probe = torch.rand((4, 3, sample_size, sample_size), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        moments.weight[channels:] = 0
+        moments.bias[channels:] = -30.0  # the log-variance diffusers clamps to: a spread of 3e-7
+        latents = vae.encode(probe).latent_dist.mean - (vae.config.shift_factor or 0)
+    vae.register_to_config(scaling_factor=round(1 / float(latents.std()), 5))
+    return vae
 
 
 def stable_diffusion(spec: ModelSpec):
