@@ -247,8 +247,9 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj"
 
 def random_lora(path: Path, unet, text_encoder=None, *, rank: int = 4, seed: int = 0, kohya: bool = False,
                 strength: float = 0.05, metadata: dict[str, str] | None = None) -> Path:
-    """Write a LoRA with random weights for these modules, in the diffusers or the kohya / A1111 format, with the
-    safetensors `metadata` a trainer would write (kohya's `ss_*`, `modelspec.*`).
+    """Write a LoRA with random weights for these modules (`unet`: the denoiser, a UNet or an SD3 / FLUX
+    transformer), in the diffusers or the kohya / A1111 format, with the safetensors `metadata` a trainer would
+    write (kohya's `ss_*`, `modelspec.*`).
 
     Tests and benchmarks make their own adapters with it. Both formats of the same seed hold the same weights
     (kohya's alpha is set to the rank, a scale of 1), so they must give the same image.
@@ -258,7 +259,8 @@ def random_lora(path: Path, unet, text_encoder=None, *, rank: int = 4, seed: int
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for prefix, kohya_prefix, model in (("unet", "lora_unet", unet), ("text_encoder", "lora_te", text_encoder)):
+    denoiser = "unet" if "UNet" in type(unet).__name__ else "transformer"
+    for prefix, kohya_prefix, model in ((denoiser, "lora_unet", unet), ("text_encoder", "lora_te", text_encoder)):
         for name, module in (model.named_modules() if model is not None else ()):
             if not (isinstance(module, torch.nn.Linear) and name.endswith(LORA_TARGETS)):
                 continue
