@@ -97,8 +97,8 @@ def _save_png(image, settings: dict) -> str:
 def _caption(settings: dict) -> str:
     adapters = ", ".join(f"{name}:{w:g}" for name, w in settings["adapters"].items()) or "no adapters"
     sampler = f" · {settings['sampler']}" if settings.get("sampler") else ""
-    return f"{MODE_LABELS.get(settings.get('mode'), '')} · seed {settings['seed']} · {settings['steps']} steps" \
-           f"{sampler} · {adapters}"
+    return (f"seed {settings['seed']} · {settings['steps']} steps · {adapters} · "
+            f"{MODE_LABELS.get(settings.get('mode'), '')}{sampler}")
 
 
 def editor_inputs(value: dict | None, mode: str) -> tuple[Image.Image | None, Image.Image | None]:
