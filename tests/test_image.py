@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import threading
 
@@ -302,3 +303,22 @@ def test_gradio_client_generate_image(live_server):
     assert image.size == (64, 64) and '"seed": 3' in image.info["parameters"]
     with pytest.raises(Exception, match="prompt: must not be empty"):
         client.predict(prompt="", api_name="/generate_image")
+
+
+def test_gradio_client_edits_an_image(live_server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    _studio, url = live_server
+    Image.new("RGB", (64, 64), "teal").save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    client = Client(url, verbose=False)
+    path = client.predict(prompt="a red fox", model="tiny-sd", mode="inpaint", image=handle_file(tmp_path / "in.png"),
+                          mask=handle_file(tmp_path / "mask.png"), sampler="DDIM", steps=2, seed=3,
+                          api_name="/generate_image")
+    image = Image.open(path)
+    settings = json.loads(image.info["parameters"])
+    assert image.size == (64, 64) and (settings["mode"], settings["sampler"], settings["mask"]) == \
+        ("inpaint", "DDIM", True)
+    assert image.convert("RGB").getpixel((0, 0)) == (0, 128, 128)  # outside the mask: the input's own pixel
