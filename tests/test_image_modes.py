@@ -31,12 +31,7 @@ FAMILY_MODELS = ["tiny-sd", "tiny-sd-turbo", "tiny-sdxl", "tiny-sd3", "tiny-sd15
 MODES = ["txt2img", "img2img", "inpaint", "upscale"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -332,8 +327,8 @@ def test_a_studio_png_gives_back_its_settings(studio):
 
 A1111 = """a lighthouse at dusk, <lora:styles/ink:0.7> oil painting
 Negative prompt: blurry, lowres
-Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, Model hash: 6ce0161689, \
-Model: v1-5-pruned-emaonly, Denoising strength: 0.55, Mask blur: 4, Version: v1.10.1"""
+Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768, \
+Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.55, Mask blur: 4, Version: v1.10.1"""
 
 
 def test_an_automatic1111_png_gives_its_settings_in_the_studios_terms():

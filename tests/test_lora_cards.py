@@ -24,12 +24,7 @@ from studio.ui import lora_cards
 TAGS = {"10_ohwx fox": {"ohwx": 20, "fox": 18, "snow": 3}, "5_ohwx fox": {"fox": 2, "forest": 4}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -201,9 +201,9 @@ def test_images_edit_inpaints_where_the_mask_is_transparent_and_redraws_without_
     picture = Image.fromarray((np.stack([x, y, 1 - x * y], -1) * 255).astype(np.uint8))
     mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
     mask.paste((0, 0, 0, 0), (20, 20, 44, 44))  # OpenAI's masks: transparent is edited
-    edited = client.images.edit(image=("in.png", _encoded(picture), "image/png"), mask=("m.png", _encoded(mask), "image/png"),
-                                prompt="a red fox", model="tiny-sd", response_format="b64_json",
-                                extra_body={"seed": 5, "steps": 2})
+    edited = client.images.edit(image=("in.png", _encoded(picture), "image/png"),
+                                mask=("m.png", _encoded(mask), "image/png"), prompt="a red fox", model="tiny-sd",
+                                response_format="b64_json", extra_body={"seed": 5, "steps": 2})
     out = np.asarray(_png(edited.data[0]).convert("RGB"), dtype=np.int16)
     keep = np.asarray(mask.getchannel("A").resize((64, 64))) > 0
     keep[20 - 12:44 + 12, 20 - 12:44 + 12] = False  # the feathered edge (mask blur 4 reaches 12 px) may change

@@ -18,7 +18,7 @@ The modes:
   it is redrawn at a high strength (A1111 recommends 0.5 and up), which changes the picture.
 
 In the editing modes the model runs steps x strength denoising steps (diffusers' and A1111's rule); where that is
-below one step (a 1-step turbo model), it runs as many steps as make one at that strength.
+less than one (a 1-step turbo model at strength 0.5), the schedule gets more steps, so that one step is done.
 """
 
 from __future__ import annotations

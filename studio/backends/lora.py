@@ -192,10 +192,9 @@ def _user_card(path: Path, card: LoraCard) -> LoraCard:
     except (OSError, ValueError):
         user = {}
     user = user if isinstance(user, dict) else {}
-    words = str(user.get("activation text") or "").strip()
+    words = tuple(w.strip() for w in str(user.get("activation text") or "").split(",") if w.strip())
     weight = user.get("preferred weight")
-    return replace(card,
-                   trigger_words=tuple(w.strip() for w in words.split(",") if w.strip()) if words else card.trigger_words,
+    return replace(card, trigger_words=words or card.trigger_words,
                    preferred_weight=float(weight) if isinstance(weight, (int, float)) and weight else 1.0,
                    note=str(user.get("notes") or ""), preview=preview if preview.is_file() else None)
 

@@ -141,8 +141,8 @@ def build_sd3(folder: Path, spec: ModelSpec) -> None:
         sample_size=spec.options.get("width", 64) // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=2 * width, caption_projection_dim=32,
         pooled_projection_dim=2 * width, pos_embed_max_size=32)
-    vae = _vae(spec.options.get("width", 64), latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
-               scaling_factor=1.5035)
+    vae = _vae(spec.options.get("width", 64), latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+               shift_factor=0.0609)
     StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=_clip_text(tokenizer, width, projection=True), tokenizer=tokenizer,
