@@ -269,6 +269,20 @@ def test_bad_editing_input_is_refused_naming_the_field(studio, pixart, change, f
 
 # ---------------------------------------------------------------------------------------------- HTTP
 
+@pytest.mark.parametrize("model", FAMILY_MODELS)
+def test_every_family_generates_through_rest_and_the_openai_route(http, studio, model):
+    steps = 4 if "turbo" in model else 2
+    expected = pixels(draw(studio, model, steps=steps, seed=21).images[0])
+    r = http.post("/generate/image", json={"prompt": "a red fox", "model": model, "steps": steps, "seed": 21})
+    assert r.status_code == 200, r.text
+    assert np.array_equal(pixels(Image.open(io.BytesIO(r.content)).convert("RGB")), expected)
+    r = http.post("/v1/images/generations", json={"prompt": "a red fox", "model": model, "steps": steps, "seed": 21,
+                                                   "size": "64x64"})
+    assert r.status_code == 200, r.text
+    made = Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB")
+    assert np.array_equal(pixels(made), expected)
+
+
 def test_post_generate_image_edits_with_json_base64(http):
     r = http.post("/generate/image", json={"prompt": "a fox", "model": "tiny-sd", "mode": "inpaint", "steps": 2,
                                            "seed": 5, "image": "data:image/png;base64," + _b64(png(picture())),

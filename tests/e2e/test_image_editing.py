@@ -1,6 +1,6 @@
 """Image editing in a real browser (Debian's Chromium through Playwright), on the tiny profile: a mask painted in the
-editor is inpainted and everything outside it stays the input's pixels; a gallery image goes on to be upscaled and
-made into a 3D shape; a dropped AUTOMATIC1111 PNG restores its settings."""
+editor is inpainted and everything outside it stays the input's pixels; a gallery image goes on to be edited
+(image to image), upscaled and made into a 3D shape; a dropped AUTOMATIC1111 PNG restores its settings."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if not CHROMIUM.exists():
 
 from playwright.sync_api import Locator, Page, expect  # noqa: E402
 
-from e2e.test_browser import PROMPT, choose, fill, last_row, open_studio, open_tab, set_slider  # noqa: E402
+from e2e.test_browser import PROMPT, choose, drawn, fill, last_row, open_studio, open_tab, set_slider  # noqa: E402
 
 MODEL = "tiny-sd-turbo"  # the tab's default
 
@@ -31,6 +31,17 @@ def picture(path) -> np.ndarray:
     pixels = (np.stack([x, y, 1 - x * y], -1) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(path)
     return pixels.astype(np.int16)
+
+
+def painted_white(page: Page, canvas: Locator, seconds: float = 30) -> bool:
+    """Whether white (the brush) shows at the middle of the canvas within `seconds`."""
+    for _ in range(int(seconds * 2)):
+        shot = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB"), dtype=np.int16)
+        middle = shot[shot.shape[0] // 2 - 4:shot.shape[0] // 2 + 4, shot.shape[1] // 2 - 4:shot.shape[1] // 2 + 4]
+        if (middle.min(axis=2) > 245).mean() > 0.5:
+            return True
+        page.wait_for_timeout(500)
+    return False
 
 
 def gallery_image(page: Page, panel: Locator, caption: str) -> Image.Image:
@@ -54,13 +65,14 @@ def test_a_mask_painted_in_the_editor_is_inpainted_and_the_rest_kept(server, pag
     editor.locator("input[type=file]").set_input_files(str(tmp_path / "input.png"))
     canvas = editor.locator("canvas").first
     expect(canvas).to_be_visible()
-    page.wait_for_timeout(1000)  # the editor draws the uploaded image
+    assert drawn(page, canvas), "the editor does not show the uploaded image"
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x - 20, y)
     page.mouse.down()
     page.mouse.move(x + 20, y, steps=8)  # one short white stroke across the middle
     page.mouse.up()
+    assert painted_white(page, canvas), "the stroke does not show on the canvas"
     panel.get_by_role("textbox", name=PROMPT).fill("a red fox")
     fill(panel.get_by_role("textbox", name="Seed"), 4)
     panel.get_by_role("button", name="Generate", exact=True).click()
@@ -77,15 +89,21 @@ def test_a_mask_painted_in_the_editor_is_inpainted_and_the_rest_kept(server, pag
     assert np.abs(result[painted] - original[painted]).mean() > 5, "the painted area was not redrawn"
 
 
-def test_a_gallery_image_is_upscaled_and_made_into_3d(server, page):
+def test_a_gallery_image_is_edited_upscaled_and_made_into_3d(server, page):
     panel = open_studio(page, server.url, "Image")
     panel.get_by_role("textbox", name=PROMPT).fill("a wooden chair")
     fill(panel.get_by_role("textbox", name="Seed"), 11)
     panel.get_by_role("button", name="Generate", exact=True).click()
     panel.get_by_role("img", name="seed 11").first.click()  # select it
+    panel.get_by_role("button", name="Edit", exact=True).click()
+    expect(panel.get_by_label("Image to image", exact=True)).to_be_checked()
+    set_slider(panel, "Steps", 2)
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    edited = gallery_image(page, panel, re.compile(r"seed 11 · 2 steps .*Image to image"))
+    assert edited.size == (64, 64) and last_row(server, "image")["status"] == "ok"
+    panel.get_by_role("img", name=re.compile(r"seed 11 · 2 steps .*Image to image")).first.click()
     panel.get_by_role("button", name="Upscale", exact=True).click()
     expect(panel.get_by_label("Upscale", exact=True)).to_be_checked()
-    set_slider(panel, "Steps", 2)
     panel.get_by_role("button", name="Generate", exact=True).click()
     upscaled = gallery_image(page, panel, re.compile(r"seed 11 · 2 steps .*Upscale"))
     assert upscaled.size == (128, 128)
