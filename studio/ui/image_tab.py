@@ -81,6 +81,11 @@ def _adapters(studio: Studio, model_id: str, refresh: bool = False) -> tuple[lis
     return (lora_cards.choices(infos, base), lora_cards.cards_html(infos, base, spec.id, family_label(spec)), note)
 
 
+def _card_names(studio: Studio) -> list[str]:
+    """Every usable adapter, whatever the model: any card can be edited."""
+    return [info.name for info in list_loras(studio) if not info.error]
+
+
 def _sliders(names: list[str], weights: dict[str, float]) -> list[dict]:
     """One visible weight slider per picked adapter, labelled with its name; the rest hidden."""
     return [gr.update(visible=True, label=names[i], value=weights.get(names[i], 1.0)) if i < len(names)
@@ -171,7 +176,7 @@ def build(studio: Studio) -> None:
                 card_view = gr.HTML(cards, elem_id="lora-cards")
                 lora_note = gr.Markdown(note)
                 with gr.Accordion("Edit an adapter's card", open=False):
-                    card_name = gr.Dropdown([name for _, name in lora_choices], label="Adapter")
+                    card_name = gr.Dropdown(_card_names(studio), label="Card to edit")
                     with gr.Row():
                         card_weight = gr.Slider(-MAX_WEIGHT, MAX_WEIGHT, value=1.0, step=0.05,
                                                 label="Preferred weight")
@@ -229,7 +234,7 @@ def build(studio: Studio) -> None:
         choices, html, text = _adapters(studio, model_id, refresh=True)
         usable = [name for _, name in choices]
         return (gr.update(choices=choices, value=[n for n in current if n in usable]), html, text,
-                gr.update(choices=usable))
+                gr.update(choices=_card_names(studio)))
 
     def run(form: dict, request: gr.Request, progress=gr.Progress()):
         values = [form[slider] for slider in weights]

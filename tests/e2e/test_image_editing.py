@@ -1,6 +1,7 @@
 """Image editing in a real browser (Debian's Chromium through Playwright), on the tiny profile: a mask painted in the
 editor is inpainted and everything outside it stays the input's pixels; a gallery image goes on to be edited
-(image to image), upscaled and made into a 3D shape; a dropped AUTOMATIC1111 PNG restores its settings."""
+(image to image), upscaled, made into a 3D shape and set as an adapter's preview; a dropped AUTOMATIC1111 PNG
+restores its settings."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image, ImageFilter
 from PIL.PngImagePlugin import PngInfo
 
-from e2e.conftest import CHROMIUM
+from e2e.conftest import CHROMIUM, LORA_NAME
 from studio.backends.image_inputs import feather_reach
 
 if not CHROMIUM.exists():
@@ -95,6 +96,11 @@ def test_a_gallery_image_is_edited_upscaled_and_made_into_3d(server, page):
     fill(panel.get_by_role("textbox", name="Seed"), 11)
     panel.get_by_role("button", name="Generate", exact=True).click()
     panel.get_by_role("img", name="seed 11").first.click()  # select it
+    panel.get_by_text("Edit an adapter's card").click()  # one click makes it the adapter's preview
+    choose(page, panel, "Card to edit", LORA_NAME)
+    panel.get_by_role("button", name="Use the selected gallery image as its preview").click()
+    expect(panel.locator(f'#lora-cards [data-lora="{LORA_NAME}"] img[src^="data:image/png"]')).to_be_visible()
+    assert server.studio.settings.lora_dir.joinpath(f"{LORA_NAME}.preview.png").is_file()
     panel.get_by_role("button", name="Edit", exact=True).click()
     expect(panel.get_by_label("Image to image", exact=True)).to_be_checked()
     set_slider(panel, "Steps", 2)
