@@ -1,4 +1,4 @@
-"""Switching LoRA adapters the studio's way against reloading the pipeline, on a Stable Diffusion 1.5-size UNet.
+"""Switching LoRA adapters and image modes the studio's way against reloading, on a Stable Diffusion 1.5-size UNet.
 
 The UNet is built from stable-diffusion-v1-5's real unet/config.json with random weights (float32, CPU, no
 download); the VAE and the text encoder are small (the text encoder keeps SD 1.5's width of 768, which the UNet's
@@ -9,6 +9,10 @@ Side by side in one run, interleaved, medians:
 - switch: the studio's `PipelineLoras.activate` from adapter A to B and back (both loaded once; what a request
   runs when it names another adapter), against reloading the pipeline from its folder and loading the other
   adapter (what tools that reload on a LoRA change pay);
+- mode: switching the loaded model from text to image to inpainting (`DiffusersImage.pipeline("inpaint")`: the
+  inpainting pipeline made with `from_pipe` from the loaded components; each time afresh, the first switch's cost)
+  against loading the inpainting pipeline from its folder (`AutoPipelineForInpainting.from_pretrained`, what a tool
+  without shared components pays);
 - step: one denoising step at 512x512 (64x64 latents) with adapter A active, through `generate_images` (validation,
   request log, queue, cache lease, adapter check, step callback) against the raw diffusers pipeline call on the
   same pipeline object.
@@ -37,11 +41,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers import (AutoencoderKL, AutoPipelineForInpainting, EulerDiscreteScheduler,  # noqa: E402
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.utils.logging import disable_progress_bar  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from studio.backends.image import ImageRequest, generate_images, load_stable_diffusion  # noqa: E402
+from studio.backends.image import ImageRequest, generate_images  # noqa: E402
+from studio.backends.image_pipelines import TASKS, load_pipeline  # noqa: E402
 from studio.backends.lora import find  # noqa: E402
 from studio.cache import ModelCache  # noqa: E402
 from studio.config import Settings  # noqa: E402
@@ -66,7 +72,7 @@ VAE = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_chann
 RANK = 16
 MODEL_ID = "sd15-size-random"
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-TARGETS = {"switch_over_reload": "<= 0.02", "step_time_ratio": ">= 0.95"}
+TARGETS = {"switch_over_reload": "<= 0.02", "mode_switch_over_reload": "<= 0.02", "step_time_ratio": ">= 0.95"}
 RESULTS = Path(__file__).parent / "results" / "lora_switch.json"
 
 
@@ -85,13 +91,13 @@ def build(folder: Path) -> None:
 
 
 def make_studio(folder: Path) -> Studio:
-    spec = ModelSpec(id=MODEL_ID, modality="image", label="SD 1.5-size UNet (random weights)",
-                     loader="studio.backends.image:load_stable_diffusion", params=900_000_000,
+    spec = ModelSpec(id=MODEL_ID, modality="image", label="SD 1.5-size UNet (random weights)", family="sd15",
+                     loader="studio.backends.image_pipelines:load_pipeline", params=900_000_000,
                      options={"steps": 1, "max_steps": 4, "guidance": 0.0, "width": 512, "height": 512,
-                              "max_size": 512, "negative_prompt": False, "max_images": 1})
+                              "max_size": 512, "negative_prompt": False, "max_images": 1, "sampler": "Euler"})
     registry = Registry("bench", [spec])
     cache = ModelCache(registry, budget=16 * 2**30,
-                       loader=lambda s, device: load_stable_diffusion(s, folder / "model", device, "float32"),
+                       loader=lambda s, device: load_pipeline(s, folder / "model", device, "float32"),
                        estimate=lambda _spec, _device: 4 * 2**30)
     settings = Settings(log_dir=folder / "logs", lora_dir=folder / "loras")
     return Studio(settings, registry, cache, RequestLog(settings.log_dir))
@@ -119,7 +125,14 @@ def measure(folder: Path, repeats: int, switches: int) -> dict:
         pipe = StableDiffusionPipeline.from_pretrained(folder / "model", dtype=torch.float32)
         pipe.load_lora_weights(str(target.path), adapter_name=target.name)
 
-    switch_s, reload_s, studio_step, raw_step = [], [], [], []
+    def switch_mode() -> None:  # the first switch to inpainting: the pipeline is made from the loaded components
+        model.modes.pop(TASKS["inpaint"], None)
+        model.pipeline("inpaint")
+
+    def load_inpainting() -> None:  # what a tool that loads each mode's pipeline pays
+        AutoPipelineForInpainting.from_pretrained(folder / "model", dtype=torch.float32)
+
+    switch_s, reload_s, mode_s, mode_reload_s, studio_step, raw_step = [], [], [], [], [], []
     with studio.cache.use(MODEL_ID) as lease:  # pinned for the whole measurement; requests pin it again
         model = lease.model
         grow = partial(studio.cache.grow, MODEL_ID)
@@ -129,6 +142,10 @@ def measure(folder: Path, repeats: int, switches: int) -> dict:
                 select = partial(model.loras.activate, model.pipe, MODEL_ID, {loras["AB"[i % 2]]: 1.0}, grow)
                 switch_s.append(timed(select))
             reload_s.append(timed(partial(reload, loras["AB"[round_ % 2]])))
+            gc.collect()
+            for _ in range(switches // repeats):
+                mode_s.append(timed(switch_mode))
+            mode_reload_s.append(timed(load_inpainting))
             gc.collect()
 
         def raw() -> None:  # the same pipeline, adapter A active (the request below sets it), called directly
@@ -149,11 +166,16 @@ def measure(folder: Path, repeats: int, switches: int) -> dict:
         "switch_ms": round(median(switch_s) * 1000, 2),
         "reload_s": round(median(reload_s), 3),
         "switch_over_reload": round(median(switch_s) / median(reload_s), 5),
+        "mode_switch_ms": round(median(mode_s) * 1000, 2),
+        "inpaint_load_s": round(median(mode_reload_s), 3),
+        "mode_switch_over_reload": round(median(mode_s) / median(mode_reload_s), 5),
         "studio_step_s": round(median(studio_step), 3),
         "raw_step_s": round(median(raw_step), 3),
         "step_time_ratio": round(median(raw_step) / median(studio_step), 4),
         "targets": TARGETS,
         "samples": {"switch_ms": [round(s * 1000, 2) for s in switch_s], "reload_s": [round(s, 3) for s in reload_s],
+                    "mode_switch_ms": [round(s * 1000, 2) for s in mode_s],
+                    "inpaint_load_s": [round(s, 3) for s in mode_reload_s],
                     "studio_step_s": [round(s, 3) for s in studio_step], "raw_step_s": [round(s, 3) for s in raw_step]},
         "setup": {"unet": "stable-diffusion-v1-5 config, random weights, float32", "lora_rank": RANK,
                   "image": "512x512 (64x64 latents), 1 step, guidance 0", "device": "cpu",
@@ -175,7 +197,8 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps({k: results[k] for k in ("switch_ms", "reload_s", "switch_over_reload", "studio_step_s",
+    print(json.dumps({k: results[k] for k in ("switch_ms", "reload_s", "switch_over_reload", "mode_switch_ms",
+                                              "inpaint_load_s", "mode_switch_over_reload", "studio_step_s",
                                               "raw_step_s", "step_time_ratio")}, indent=2))
     print(f"wrote {RESULTS}")
 

@@ -18,6 +18,7 @@ SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # Video families (studio.backends.video.VideoOptions): Wan 2.1 as its Diffusers repo and model card run it.
 WAN = {"family": "wan", "frames": 33, "max_frames": 81, "fps": 16, "width": 832, "height": 480, "max_size": 832,
        "steps": 30, "guidance": 5.0, "loras": False}
+IMAGE_LOADER = "studio.backends.image_pipelines:load_pipeline"  # every image family's (studio.backends.image_families)
 
 PIPER = ModelSpec(
     id="piper-joe", modality="text-to-speech", label="Piper · Joe (US English, offline)",
@@ -55,13 +56,15 @@ DEFAULT_MODELS = (
               repo="openai/whisper-small", loader="studio.backends.transcription:load_whisper",
               params=241_734_912, dtypes=GPU_HALF),
     POCKETSPHINX,
-    ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo",
-              loader="studio.backends.image:load_stable_diffusion", params=1_300_000_000, dtypes=GPU_HALF,
-              options={"steps": 1, "max_steps": 4, "guidance": 0.0, "max_size": 768, "negative_prompt": False}),
-    ModelSpec(id="sd-1.5", modality="image", label="Stable Diffusion 1.5", repo=SD15_REPO,
-              loader="studio.backends.image:load_stable_diffusion", params=1_066_000_000, dtypes=GPU_HALF),
+    ModelSpec(id="sd-turbo", modality="image", label="SD-Turbo", repo="stabilityai/sd-turbo", family="sd2-turbo",
+              loader=IMAGE_LOADER, params=1_300_000_000, dtypes=GPU_HALF),
+    ModelSpec(id="sd-1.5", modality="image", label="Stable Diffusion 1.5", family="sd15", repo=SD15_REPO,
+              loader=IMAGE_LOADER, params=1_066_000_000, dtypes=GPU_HALF),
     ModelSpec(id="shap-e", modality="3d", label="Shap-E (OpenAI)", repo="openai/shap-e",
               loader="studio.backends.shape:load_shap_e", params=640_000_000, dtypes=GPU_HALF),
+    ModelSpec(id="shap-e-img2img", modality="3d", label="Shap-E image to 3D (OpenAI)", repo="openai/shap-e-img2img",
+              loader="studio.backends.shape:load_shap_e", params=780_000_000, dtypes=GPU_HALF,
+              options={"input": "image", "guidance": 3.0}),
     # SD 1.5 (as the image model, so its LoRAs fit) with AnimateDiff v3's motion modules in motion_adapter/. Its
     # own cache entry: the UNetMotionModel copies the UNet's weights, so nothing is shared with sd-1.5.
     ModelSpec(id="animatediff", modality="video", label="AnimateDiff v3 (SD 1.5)", repo=SD15_REPO,
@@ -76,7 +79,10 @@ DEFAULT_MODELS = (
 
 TINY_CHAT = {"context_length": 256, "max_new_tokens": 128, "default_max_new_tokens": 64}
 TINY_IMAGE = {"width": 64, "height": 64, "max_size": 128}
-TINY_VIDEO = {"width": 64, "height": 64, "max_size": 128, "steps": 4, "max_steps": 50}
+TINY_STEPS = {"steps": 4, "max_steps": 50}
+TINY_SHAPE = {"steps": 4, "max_steps": 64, "frame_size": 32, "max_frame_size": 64, "grid_size": 32,
+              "render_samples": (8, 16)}
+TINY_VIDEO = {**TINY_IMAGE, **TINY_STEPS}
 
 TINY_MODELS = (
     ModelSpec(id="tiny-llama", modality="chat", label="Tiny Llama (random weights)",
@@ -98,19 +104,28 @@ TINY_MODELS = (
               build="studio.tiny.transcription:build_whisper", loader="studio.backends.transcription:load_whisper",
               params=162_400, stands_for="openai/whisper-small"),
     POCKETSPHINX,
-    ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)",
-              build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
-              params=2_000_000, stands_for="stabilityai/sd-turbo",
-              options={**TINY_IMAGE, "steps": 1, "max_steps": 4, "guidance": 0.0, "negative_prompt": False}),
-    ModelSpec(id="tiny-sd", modality="image", label="Tiny Stable Diffusion 1.5 (random weights)",
-              build="studio.tiny.image:build_stable_diffusion", loader="studio.backends.image:load_stable_diffusion",
-              params=2_000_000, stands_for="stable-diffusion-v1-5/stable-diffusion-v1-5",
-              options={**TINY_IMAGE, "steps": 4, "max_steps": 50}),
+    ModelSpec(id="tiny-sd-turbo", modality="image", label="Tiny SD-Turbo (random weights)", family="sd2-turbo",
+              build="studio.tiny.image:build_stable_diffusion", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stabilityai/sd-turbo", options=TINY_IMAGE),
+    ModelSpec(id="tiny-sd", modality="image", label="Tiny Stable Diffusion 1.5 (random weights)", family="sd15",
+              build="studio.tiny.image:build_stable_diffusion", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stable-diffusion-v1-5/stable-diffusion-v1-5", options={**TINY_IMAGE, **TINY_STEPS}),
+    ModelSpec(id="tiny-sdxl", modality="image", label="Tiny SDXL (random weights)", family="sdxl",
+              build="studio.tiny.image:build_sdxl", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stabilityai/stable-diffusion-xl-base-1.0", options={**TINY_IMAGE, **TINY_STEPS}),
+    ModelSpec(id="tiny-sd3", modality="image", label="Tiny Stable Diffusion 3 (random weights, no T5)", family="sd3",
+              build="studio.tiny.image:build_sd3", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="stabilityai/stable-diffusion-3-medium-diffusers", options={**TINY_IMAGE, **TINY_STEPS}),
+    ModelSpec(id="tiny-sd15-file", modality="image", label="Tiny SD 1.5 single-file checkpoint (random weights)",
+              family="sd15", build="studio.tiny.image:build_single_file", loader=IMAGE_LOADER, params=2_000_000,
+              stands_for="v1-5-pruned-emaonly.safetensors", options={**TINY_IMAGE, **TINY_STEPS}),
     ModelSpec(id="tiny-shap-e", modality="3d", label="Tiny Shap-E (random weights)",
               build="studio.tiny.shape:build_shap_e", loader="studio.backends.shape:load_shap_e", params=3_000_000,
               stands_for="openai/shap-e",
-              options={"steps": 4, "max_steps": 64, "frame_size": 32, "max_frame_size": 64, "grid_size": 32,
-                       "render_samples": (8, 16)}),
+              options=TINY_SHAPE),
+    ModelSpec(id="tiny-shap-e-img2img", modality="3d", label="Tiny Shap-E image to 3D (random weights)",
+              build="studio.tiny.shape:build_shap_e_img2img", loader="studio.backends.shape:load_shap_e",
+              params=3_000_000, stands_for="openai/shap-e-img2img", options={**TINY_SHAPE, "input": "image"}),
     ModelSpec(id="tiny-animatediff", modality="video", label="Tiny AnimateDiff (random weights)",
               build="studio.tiny.video:build_animatediff", loader="studio.backends.video:load_animatediff",
               params=2_000_000, stands_for="guoyww/animatediff-motion-adapter-v1-5-3",

@@ -98,9 +98,16 @@ class ModelOptions:
 
     @classmethod
     def of(cls: type[O], spec: Any) -> O:
-        """The options of a registry entry (a `ModelSpec`)."""
+        """The options of a registry entry (a `ModelSpec`): its family's defaults over the modality's, and the
+        entry's own `options` over both."""
         start = {f.name: None for f in fields(cls)} if spec.external else {}
-        return cls(**{**start, **spec.options})
+        return cls(**{**start, **cls.family_defaults(spec), **spec.options})
+
+    @classmethod
+    def family_defaults(cls, spec: Any) -> Mapping[str, Any]:
+        """The defaults and caps of the entry's `family` (a modality whose models come in families overrides
+        this with a look-up of its `Family` values)."""
+        return {}
 
     @classmethod
     def known(cls, options: Mapping[str, Any]) -> dict[str, Any]:

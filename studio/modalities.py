@@ -123,7 +123,7 @@ register(built_in("speech-to-text", "transcription", "Speech", "TranscriptionOpt
                   totals=(Total("transcripts"), Total("audio seconds heard", "audio_in_seconds"),
                           Total("characters transcribed", "characters"))))
 register(built_in("image", "image", "Image", "ImageOptions", columns=("images", "output_pixels"),
-                  totals=(Total("images", "images"),)))
+                  totals=(Total("images", "images"),), detect="studio.backends.image_families:detect"))
 register(built_in("3d", "shape", "3D", "ShapeOptions", external=False, columns=("faces",),
                   totals=(Total("3D meshes"),)))
 register(built_in("video", "video", "Video", "VideoOptions", external=False,

@@ -66,6 +66,8 @@ class ModelSpec:
     stands_for: str | None = None  # tiny profile: the real model this one mimics
     provider: Provider | None = None  # served by this external provider instead of a local load
     remote: str | None = None  # the provider's name for the model
+    # Its family within the modality (`studio.contract.Family`): the defaults and caps under `options`.
+    family: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     family: str | None = None  # the `studio.contract.Family` its files were recognised as (user models)
     quantize: str | None = None  # one of studio.quantization.QUANTIZE_CHOICES

@@ -7,6 +7,7 @@ a tiny-profile build (made on first use) or a Python package (the bundled Piper 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -42,7 +43,7 @@ def local_files(spec: ModelSpec) -> Path | None:
     external). A model made of several repositories (`ModelSpec.parts`) gets one folder of links to their
     snapshots, laid out as its loader reads it."""
     if spec.build:
-        folder = tiny_root() / spec.id
+        folder = tiny_folder(spec)
         return folder if (folder / BUILD_MARK).exists() else None
     if spec.path:
         return Path(spec.path) if Path(spec.path).exists() else None
@@ -145,8 +146,22 @@ def assembled_root() -> Path:
     return tiny_root().parent / "assembled"
 
 
+def tiny_folder(spec: ModelSpec) -> Path:
+    """Where a tiny-profile model is built: its id and a fingerprint of the builders' code, so that a changed
+    builder builds afresh, beside the old build (which a studio running the old code may still be reading)."""
+    return tiny_root() / f"{spec.id}-{_builders_fingerprint()}"
+
+
+@functools.cache
+def _builders_fingerprint() -> str:
+    digest = hashlib.sha1()
+    for source in sorted((Path(__file__).parent / "tiny").glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def _build_tiny(spec: ModelSpec) -> Path:
-    folder = tiny_root() / spec.id
+    folder = tiny_folder(spec)
     if (folder / BUILD_MARK).exists():
         return folder
     return _build_once(folder, spec, resolve(spec.build))
@@ -172,7 +187,7 @@ def _build_once(folder: Path, spec: ModelSpec, build: Callable[[Path, ModelSpec]
 
 def remove_build(spec: ModelSpec) -> None:
     """Delete a tiny-profile build; the next use builds it again."""
-    shutil.rmtree(tiny_root() / spec.id, ignore_errors=True)
+    shutil.rmtree(tiny_folder(spec), ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- size in memory

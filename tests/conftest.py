@@ -68,6 +68,18 @@ def serving(studio: Studio) -> Iterator[tuple[object, str]]:
         demo.close()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest, and steadiest on a shared machine, on one thread (a module uses it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def make_studio(tmp_path):
     """Build a tiny-profile Studio from command-line style arguments, e.g. make_studio("--strategy", "swap")."""

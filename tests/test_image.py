@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import threading
 
@@ -26,13 +27,7 @@ from studio.tiny.image import random_lora
 from studio.weights import ensure_local
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _modules(studio, model_id: str):
@@ -106,7 +101,7 @@ def test_each_image_of_a_batch_is_reproduced_by_its_own_settings(studio):
     assert [im.size for im in batch.images] == [(72, 64)] * 2
     settings = batch.image_settings(1)
     assert settings["seed"] == batch.seed + 1 and settings["n"] == 1
-    alone = generate_images(studio, ImageRequest(**settings), call())
+    alone = generate_images(studio, ImageRequest.from_settings(settings), call())
     assert np.array_equal(pixels(alone), pixels(batch, 1))
 
 
@@ -302,3 +297,22 @@ def test_gradio_client_generate_image(live_server):
     assert image.size == (64, 64) and '"seed": 3' in image.info["parameters"]
     with pytest.raises(Exception, match="prompt: must not be empty"):
         client.predict(prompt="", api_name="/generate_image")
+
+
+def test_gradio_client_edits_an_image(live_server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    _studio, url = live_server
+    Image.new("RGB", (64, 64), "teal").save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    mask.save(tmp_path / "mask.png")
+    client = Client(url, verbose=False)
+    path = client.predict(prompt="a red fox", model="tiny-sd", mode="inpaint", image=handle_file(tmp_path / "in.png"),
+                          mask=handle_file(tmp_path / "mask.png"), sampler="DDIM", steps=2, seed=3,
+                          api_name="/generate_image")
+    image = Image.open(path)
+    settings = json.loads(image.info["parameters"])
+    assert image.size == (64, 64) and (settings["mode"], settings["sampler"], settings["mask"]) == \
+        ("inpaint", "DDIM", True)
+    assert image.convert("RGB").getpixel((0, 0)) == (0, 128, 128)  # outside the mask: the input's own pixel

@@ -184,3 +184,41 @@ def test_a_missing_or_wrong_key_is_refused_in_the_openai_shape(server):
     other = httpx.post(f"{url}/generate/text", headers={"Authorization": f"Bearer {KEY}"},
                        json={"model": "nope", "messages": HELLO})
     assert other.status_code == 404 and other.json()["field"] == "model"  # the rest keeps its {"detail"} shape
+
+
+def _encoded(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_images_edit_inpaints_where_the_mask_is_transparent_and_redraws_without_one(server, client, rows):
+    from studio.backends.image import ImageRequest, generate_images
+    from studio.runtime import Call
+
+    studio = server[0]
+    x, y = np.meshgrid(np.linspace(0, 1, 64), np.linspace(0, 1, 64))
+    picture = Image.fromarray((np.stack([x, y, 1 - x * y], -1) * 255).astype(np.uint8))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (20, 20, 44, 44))  # OpenAI's masks: transparent is edited
+    edited = client.images.edit(image=("in.png", _encoded(picture), "image/png"),
+                                mask=("m.png", _encoded(mask), "image/png"), prompt="a red fox", model="tiny-sd",
+                                response_format="b64_json", extra_body={"seed": 5, "steps": 2})
+    out = np.asarray(_png(edited.data[0]).convert("RGB"), dtype=np.int16)
+    keep = np.asarray(mask.getchannel("A").resize((64, 64))) > 0
+    keep[20 - 12:44 + 12, 20 - 12:44 + 12] = False  # the feathered edge (mask blur 4 reaches 12 px) may change
+    assert out.shape == (64, 64, 3) and np.array_equal(out[keep], np.asarray(picture, dtype=np.int16)[keep])
+    white = Image.new("L", (64, 64), 0)
+    white.paste(255, (20, 20, 44, 44))
+    same = generate_images(studio, ImageRequest(prompt="a red fox", model="tiny-sd", mode="inpaint", image=picture,
+                                                mask=white, seed=5, steps=2), Call("rest", "test"))
+    assert np.array_equal(out, np.asarray(same.images[0], dtype=np.int16))
+    assert rows[0]["endpoint"] == "openai:/v1/images/edits" and rows[0]["status"] == "ok"
+    redrawn = client.images.edit(image=("in.png", _encoded(picture), "image/png"), prompt="a red fox", model="tiny-sd",
+                                 n=2, extra_body={"seed": 5, "steps": 2, "strength": 0.5})
+    assert [_png(item).size for item in redrawn.data] == [(64, 64), (64, 64)]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.edit(image=("in.png", _encoded(picture), "image/png"), prompt="a red fox", model="tiny-sd",
+                           mask=("m.png", _encoded(mask.resize((32, 32))), "image/png"))
+    assert caught.value.body["param"] == "mask" and "32x32" in caught.value.body["message"]
+

@@ -11,7 +11,7 @@ from studio.cache import ModelCache, ModelLoadError
 from studio import modalities
 from studio.catalog import DEFAULT_MODELS, TINY_MODELS, select_profile
 from studio.registry import Registry
-from studio.weights import estimate_bytes, safetensors_bytes, tiny_root
+from studio.weights import estimate_bytes, safetensors_bytes, tiny_folder
 
 
 def test_both_profiles_cover_every_modality():
@@ -49,7 +49,7 @@ def test_tiny_model_builds_loads_and_reloads_identically(spec):
         first = {k: v.clone() for k, v in _state(lease.model).items()}
         measured = devices.module_bytes(lease.model)
     del lease
-    folder = tiny_root() / spec.id
+    folder = tiny_folder(spec)
     assert (folder / ".complete").exists()
     assert safetensors_bytes(folder, "float32") > 0
     assert estimate_bytes(spec, "float32") == pytest.approx(measured, rel=0.25)

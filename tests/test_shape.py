@@ -25,13 +25,7 @@ from studio.ui.controls import parse_seed
 PROMPT = "a red wooden chair"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +191,64 @@ def test_service_checks_fields_the_http_body_does_not_carry(studio, shape):
         export_mesh(shape.mesh, "stl")
 
 
+# ---------------------------------------------------------------------------------------------- from an image
+
+def chair_photo() -> bytes:
+    from PIL import Image
+
+    image = Image.new("RGB", (96, 80), "white")
+    image.paste((180, 40, 30), (30, 20, 66, 70))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_model_makes_a_shape_from_an_image_with_the_same_cache(studio, rows):
+    result = generate_shape(studio, ShapeRequest(image=chair_photo(), steps=2, seed=8), call())
+    assert result.settings["model"] == "tiny-shap-e-img2img" and result.settings["input"] == "image"
+    assert len(result.mesh.faces) > 0 and colours(result.mesh).std() > 0 and len(result.frames) == 20
+    again = generate_shape(studio, ShapeRequest(image=chair_photo(), steps=2, seed=8, turntable=False), call())
+    np.testing.assert_allclose(again.mesh.vertices, result.mesh.vertices)
+    assert {m.id for m in studio.cache.snapshot().models} >= {"tiny-shap-e-img2img"}
+    assert rows[-1]["model"] == "tiny-shap-e-img2img" and rows[-1]["status"] == "ok"
+
+
+def test_the_tab_makes_a_shape_from_an_image(studio):
+    from PIL import Image
+
+    preview, gif, downloads, text = shape_tab.make_shape(
+        shape_tab.runner(studio), ShapeRequest(image=Image.open(io.BytesIO(chair_photo())), steps=1, seed=2,
+                                               model="tiny-shap-e-img2img"), session="s")
+    assert Path(preview).suffix == ".glb" and gif and len(downloads) == 3 and "Seed used: **2**" in text
+
+
+@pytest.mark.parametrize("send", ["json", "multipart"])
+def test_http_makes_a_shape_from_an_image(http, studio, send):
+    import base64
+
+    if send == "json":
+        resp = http.post("/generate/3d", json={"image": base64.b64encode(chair_photo()).decode(), "steps": 2,
+                                               "seed": 8, "format": "ply"})
+    else:
+        resp = http.post("/generate/3d", files={"image": ("chair.png", chair_photo(), "image/png")},
+                         data={"steps": "2", "seed": "8", "format": "ply"})
+    assert resp.status_code == 200, resp.text
+    mesh = trimesh.load(io.BytesIO(resp.content), file_type="ply", force="mesh", process=False)
+    same = generate_shape(studio, ShapeRequest(image=chair_photo(), steps=2, seed=8, turntable=False), call())
+    assert len(mesh.faces) == len(same.mesh.faces)
+
+
+@pytest.mark.parametrize("request_fields, field, words", [
+    ({"image": b"\x89PNG not really"}, "image", "is not an image"),
+    ({"image": chair_photo(), "model": "tiny-shap-e"}, "image", "makes shapes from text"),
+    ({"model": "tiny-shap-e-img2img"}, "image", "makes shapes from an image"),
+])
+def test_bad_image_input_is_refused_naming_the_field(studio, request_fields, field, words):
+    with pytest.raises(InputError) as caught:
+        validate(studio, ShapeRequest(**request_fields))
+    assert caught.value.field == field and words in caught.value.message
+
+
 # ---------------------------------------------------------------------------------------------- Gradio client
 
 def test_gradio_client_generate_3d(live_server):
@@ -205,7 +257,7 @@ def test_gradio_client_generate_3d(live_server):
     _studio, url = live_server
     client = Client(url, verbose=False)
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate_3d"]["parameters"]
-    assert [p["parameter_name"] for p in params] == ["prompt", "guidance", "steps", "seed", "model"]
+    assert [p["parameter_name"] for p in params] == ["prompt", "guidance", "steps", "seed", "model", "image"]
     path = client.predict(prompt=PROMPT, steps=1, seed=5, api_name="/generate_3d")
     mesh = trimesh.load(path, force="mesh")
     assert Path(path).suffix == ".glb" and len(mesh.faces) > 0 and colours(mesh).std() > 0

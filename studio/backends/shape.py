@@ -1,4 +1,6 @@
-"""Text to 3D with Shap-E: the one service behind the 3D tab, `POST /generate/3d` and the Gradio client / MCP tool.
+"""Text or an image to 3D with Shap-E: the one service behind the 3D tab, `POST /generate/3d` and the Gradio client /
+MCP tool. A text model (openai/shap-e) takes a prompt, an image model (openai/shap-e-img2img, `input: image` in its
+options) a picture of one object; both give the same mesh, turntable and downloads.
 
 One denoising run, two decodings. The pipeline runs with `output_type="latent"`, then its renderer decodes that
 latent into a marching-cubes mesh with vertex colours (what `output_type="mesh"` returns) and, when asked, into the
@@ -9,8 +11,8 @@ The full mesh is what downloads (GLB, PLY, OBJ). The browser preview is simplifi
 faces by quadric decimation (`fast_simplification`, the library behind trimesh's `simplify_quadric_decimation`),
 because Shap-E's grid of 128 can give a mesh of over a million faces and a WebGL viewer then stalls.
 
-diffusers' ShapEPipeline has no `callback_on_step_end`; `_SteppedShapE` gets per-step progress and Stop from the
-generator its denoising loop iterates over (see there).
+diffusers' Shap-E pipelines have no `callback_on_step_end`; `_Stepped` gets per-step progress and Stop from the
+generator their denoising loop iterates over (see there).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import trimesh
-from diffusers import ShapEPipeline
+from diffusers import ShapEImg2ImgPipeline, ShapEPipeline
+from PIL import Image
 
-from studio.contract import ModelOptions, check_range, check_seed, check_text, pick_seed, require
+from studio.backends.image_inputs import open_image, rgb
+from studio.contract import InputError, ModelOptions, check_range, check_seed, check_text, pick_seed, require
 from studio.registry import ModelSpec
 from studio.runtime import Call, Studio
 
@@ -61,6 +65,7 @@ class ShapeOptions(ModelOptions):
     max_frame_size: int = 256
     grid_size: int = 128  # marching-cubes grid of the mesh
     render_samples: tuple[int, int] = (64, 128)  # coarse and fine ray samples of the turntable
+    input: str = "text"  # what it makes shapes from: "text" (a prompt) or "image"
 
 
 @dataclass(eq=False)
@@ -68,25 +73,29 @@ class ShapEModel:
     """What the cache holds. Decoding writes the latent into the renderer's own MLP weights, so two decodings at
     once would mix shapes: `decode_lock` serialises them. Denoising needs no lock (each run gets its scheduler)."""
 
-    pipe: ShapEPipeline
+    pipe: ShapEPipeline | ShapEImg2ImgPipeline
     decode_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def load_shap_e(spec: ModelSpec, path: Path, device: str, dtype: str) -> ShapEModel:
-    return ShapEModel(ShapEPipeline.from_pretrained(path, dtype=getattr(torch, dtype)).to(device))
+    pipeline = ShapEImg2ImgPipeline if ShapeOptions.of(spec).input == "image" else ShapEPipeline
+    return ShapEModel(pipeline.from_pretrained(path, dtype=getattr(torch, dtype)).to(device))
 
 
 @dataclass
 class ShapeRequest:
-    """Unset guidance, steps and frame size take the model's defaults."""
+    """Unset guidance, steps and frame size take the model's defaults. A text model needs the prompt, an image
+    model the image."""
 
-    prompt: str
+    prompt: str = ""
     guidance: float | None = None
     steps: int | None = None
     frame_size: int | None = None  # turntable frame width and height in pixels
     seed: int | None = None  # None: a random seed, reported in the result
     model: str | None = None  # None: the first 3D model
     turntable: bool = True  # also render the 20 turntable frames (the REST route, which returns a mesh, skips them)
+    image: bytes | Image.Image | None = None  # for an image model: a picture of one object (None: the first 3D
+    # model that takes images is used when `model` is None)
 
 
 @dataclass
@@ -99,11 +108,21 @@ class ShapeResult:
     settings: dict = field(default_factory=dict)  # what made the shape: model, prompt, guidance, steps, seed, ...
 
 
-def validate(studio: Studio, req: ShapeRequest) -> tuple[ModelSpec, dict]:
-    """The model and the settings with its defaults filled in; raises InputError naming the first bad field."""
-    spec = studio.model(req.model, "3d")
+def validate(studio: Studio, req: ShapeRequest) -> tuple[ModelSpec, dict, Image.Image | None]:
+    """The model, the settings with its defaults filled in, and the input image (RGB) of an image model; raises
+    InputError naming the first bad field."""
+    spec = studio.model(req.model if req.model or req.image is None else _image_model(studio), "3d")
     opts = ShapeOptions.of(spec)
-    prompt = check_text("prompt", req.prompt, max_chars=MAX_PROMPT_CHARS).strip()
+    image = None
+    if opts.input == "image":
+        require(req.image is not None, "image", f"{spec.id} makes shapes from an image; give one (a picture of one "
+                                                "object on a plain background works best)")
+        image = rgb(open_image("image", req.image))
+        prompt = check_text("prompt", req.prompt or "", max_chars=MAX_PROMPT_CHARS, required=False).strip()
+    else:
+        require(req.image is None, "image", f"{spec.id} makes shapes from text; for an image pick an image-to-3D "
+                                            "model or leave the model empty")
+        prompt = check_text("prompt", req.prompt, max_chars=MAX_PROMPT_CHARS).strip()
     guidance = opts.guidance if req.guidance is None else req.guidance
     check_range("guidance", guidance, 0, MAX_GUIDANCE)
     steps = opts.steps if req.steps is None else req.steps
@@ -113,18 +132,26 @@ def validate(studio: Studio, req: ShapeRequest) -> tuple[ModelSpec, dict]:
             and frame_size % FRAME_STEP == 0, "frame_size",
             f"must be a multiple of {FRAME_STEP} from {FRAME_STEP} to {opts.max_frame_size} for {spec.id}")
     check_seed(req.seed)
-    return spec, {"model": spec.id, "prompt": prompt, "guidance": float(guidance), "steps": steps,
-                  "frame_size": frame_size, "seed": req.seed}
+    return spec, {"model": spec.id, "input": opts.input, "prompt": prompt, "guidance": float(guidance),
+                  "steps": steps, "frame_size": frame_size, "seed": req.seed}, image
+
+
+def _image_model(studio: Studio) -> str:
+    """The first 3D model that makes shapes from an image."""
+    for model_id in studio.models("3d"):
+        if ShapeOptions.of(studio.registry.get(model_id)).input == "image":
+            return model_id
+    raise InputError("image", "this studio has no image-to-3D model; give a prompt instead")
 
 
 def gpu_seconds(req: ShapeRequest) -> float:
     return (req.steps or ShapeOptions.steps) * SECONDS_PER_STEP + 5
 
 
-class _SteppedShapE(ShapEPipeline):
-    """ShapEPipeline with per-step progress and a Stop between steps, for one run.
+class _Stepped:
+    """A Shap-E pipeline with per-step progress and a Stop between steps, for one run.
 
-    ShapEPipeline has no `callback_on_step_end`, but its denoising loop is `for i, t in
+    The Shap-E pipelines have no `callback_on_step_end`, but their denoising loop is `for i, t in
     enumerate(self.progress_bar(timesteps))`, so `progress_bar` runs between every two steps. Here it reports
     each finished step and, once `cancel` is set, ends the loop (what `_interrupt` does in pipelines that have a
     callback): the pipeline then returns the latents denoised so far. A run shares the loaded model's modules
@@ -134,12 +161,13 @@ class _SteppedShapE(ShapEPipeline):
     _on_step: Callable[[int, int], None]
     _cancel: threading.Event | None
 
-    @classmethod
-    def run_of(cls, pipe: ShapEPipeline, on_step: Callable[[int, int], None],
-               cancel: threading.Event | None) -> "_SteppedShapE":
+    @staticmethod
+    def run_of(pipe: ShapEPipeline | ShapEImg2ImgPipeline, on_step: Callable[[int, int], None],
+               cancel: threading.Event | None) -> Any:
+        stepped = _SteppedImg2Img if isinstance(pipe, ShapEImg2ImgPipeline) else _SteppedText
         # A copy, not `from_config`: a new Heun scheduler with Karras sigmas spends a quarter second on its
         # 1024-step training schedule.
-        run = cls(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
+        run = stepped(**{**pipe.components, "scheduler": copy.deepcopy(pipe.scheduler)})
         run._on_step, run._cancel, run._interrupt = on_step, cancel, False
         return run
 
@@ -152,10 +180,18 @@ class _SteppedShapE(ShapEPipeline):
             self._on_step(done + 1, len(iterable))
 
 
+class _SteppedText(_Stepped, ShapEPipeline):
+    pass
+
+
+class _SteppedImg2Img(_Stepped, ShapEImg2ImgPipeline):
+    pass
+
+
 def generate_shape(studio: Studio, req: ShapeRequest, call: Call) -> ShapeResult:
-    """Make a coloured mesh (and turntable frames) from text; when the call is stopped, end after the current step
-    and decode the shape denoised so far."""
-    spec, settings = validate(studio, req)
+    """Make a coloured mesh (and turntable frames) from text or an image; when the call is stopped, end after the
+    current step and decode the shape denoised so far."""
+    spec, settings, image = validate(studio, req)
     opts = ShapeOptions.of(spec)
     seed = settings["seed"] = pick_seed(settings["seed"])
     steps = settings["steps"]
@@ -173,9 +209,10 @@ def generate_shape(studio: Studio, req: ShapeRequest, call: Call) -> ShapeResult
             call.report(0.8 * evaluations / total, f"denoising: {done}/{steps} steps")
 
         model: ShapEModel = lease.model
-        run = _SteppedShapE.run_of(model.pipe, on_step, call.cancel)
-        latents = run(settings["prompt"], num_inference_steps=steps, guidance_scale=settings["guidance"],
-                      generator=torch.Generator("cpu").manual_seed(seed), output_type="latent").images
+        run = _Stepped.run_of(model.pipe, on_step, call.cancel)
+        latents = run(settings["prompt"] if image is None else image, num_inference_steps=steps,
+                      guidance_scale=settings["guidance"], generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="latent").images
         renderer, device = model.pipe.shap_e_renderer, model.pipe.device
         with model.decode_lock:
             call.report(0.8, "extracting the mesh")

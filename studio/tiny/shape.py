@@ -111,9 +111,30 @@ def marching_cubes_table() -> tuple[torch.Tensor, torch.Tensor]:
     return cases, masks
 
 
-def build_shap_e(folder: Path, spec: ModelSpec) -> None:
-    from diffusers import HeunDiscreteScheduler, PriorTransformer, ShapEPipeline
+def _renderer(latent: int, hidden: int):
+    """The renderer MLP the latent's rows become the weights of (4 * hidden rows in all), with the computed
+    marching-cubes table."""
     from diffusers.pipelines.shap_e import ShapERenderer
+
+    renderer = ShapERenderer(
+        param_shapes=((hidden, 93), (hidden, hidden), (hidden, hidden), (hidden, hidden)),
+        d_latent=latent, d_hidden=hidden, n_output=12, background=(255.0, 255.0, 255.0))
+    cases, masks = marching_cubes_table()
+    renderer.mesh_decoder.cases.copy_(cases)
+    renderer.mesh_decoder.masks.copy_(masks)
+    return renderer
+
+
+def _scheduler():
+    """openai/shap-e's (and shap-e-img2img's) scheduler configuration."""
+    from diffusers import HeunDiscreteScheduler
+
+    return HeunDiscreteScheduler(beta_schedule="exp", num_train_timesteps=1024, prediction_type="sample",
+                                 use_karras_sigmas=True, clip_sample=True, clip_sample_range=1.0)
+
+
+def build_shap_e(folder: Path, spec: ModelSpec) -> None:
+    from diffusers import PriorTransformer, ShapEPipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     tokenizer = clip_tokenizer()
@@ -129,15 +150,27 @@ def build_shap_e(folder: Path, spec: ModelSpec) -> None:
         num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=latent, num_embeddings=4 * hidden,
         additional_embeddings=0, time_embed_act_fn="gelu", norm_in_type="layer", encoder_hid_proj_type=None,
         added_emb_type=None, time_embed_dim=4 * latent, embedding_proj_dim=width, clip_embed_dim=2 * latent)
-    # The latent's rows become the weights of the renderer MLP's first four layers (4 * hidden rows in all).
-    renderer = ShapERenderer(
-        param_shapes=((hidden, 93), (hidden, hidden), (hidden, hidden), (hidden, hidden)),
-        d_latent=latent, d_hidden=hidden, n_output=12, background=(255.0, 255.0, 255.0))
-    cases, masks = marching_cubes_table()
-    renderer.mesh_decoder.cases.copy_(cases)
-    renderer.mesh_decoder.masks.copy_(masks)
-    # openai/shap-e's scheduler configuration.
-    scheduler = HeunDiscreteScheduler(beta_schedule="exp", num_train_timesteps=1024, prediction_type="sample",
-                                      use_karras_sigmas=True, clip_sample=True, clip_sample_range=1.0)
-    ShapEPipeline(prior=prior, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+    renderer = _renderer(latent, hidden)
+    ShapEPipeline(prior=prior, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_scheduler(),
                   shap_e_renderer=renderer).save_pretrained(folder)
+
+
+def build_shap_e_img2img(folder: Path, spec: ModelSpec) -> None:
+    """Shap-E's image-to-3D pipeline: the prior reads a CLIP vision encoder's patch embeddings (the real one 256
+    patches of 1024 wide) through a layer-normed projection, as openai/shap-e-img2img's does."""
+    from diffusers import PriorTransformer, ShapEImg2ImgPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    seeded()
+    width, latent, hidden, side = 32, 32, 8, 32
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4, image_size=side,
+        patch_size=8, projection_dim=width))
+    processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    prior = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=16, num_layers=1, embedding_dim=latent, num_embeddings=4 * hidden,
+        additional_embeddings=0, time_embed_act_fn="gelu", norm_in_type="layer", embedding_proj_norm_type="layer",
+        encoder_hid_proj_type=None, added_emb_type=None, time_embed_dim=4 * latent, embedding_proj_dim=width,
+        clip_embed_dim=2 * latent)
+    ShapEImg2ImgPipeline(prior=prior, image_encoder=image_encoder, image_processor=processor, scheduler=_scheduler(),
+                         shap_e_renderer=_renderer(latent, hidden)).save_pretrained(folder)

@@ -10,6 +10,7 @@ import gradio as gr
 from studio import modalities
 from studio.runtime import Studio
 from studio.ui import analytics_tab, models_tab, voice_chat_tab
+from studio.ui.controls import handing_off
 
 # Views that use several modalities at once, each a sub-tab of the tab with its title: (title, label, id, build).
 VIEWS: tuple[tuple[str, str, str, Callable[[Studio], None]], ...] = (
@@ -30,16 +31,18 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                             modality.tab))
         for title, label, view_id, build in VIEWS:
             tabs.setdefault(title, []).append((label, view_id, build))
-        for title, members in tabs.items():
-            with gr.Tab(title, id=title.lower()):
-                if len(members) == 1:
-                    modalities.resolve(members[0][2])(studio)
-                    continue
-                for label, part_id, build in members:
-                    with gr.Tab(label, id=part_id):
-                        modalities.resolve(build)(studio)
-        with gr.Tab("Analytics", id="analytics"):
-            analytics_tab.build(studio)
-        with gr.Tab("Models", id="models"):
-            models_tab.build(studio)
+        with gr.Tabs() as tab_bar, handing_off(tab_bar) as handoffs:
+            for title, members in tabs.items():
+                handoffs.tab = title.lower()
+                with gr.Tab(title, id=title.lower()):
+                    if len(members) == 1:
+                        modalities.resolve(members[0][2])(studio)
+                        continue
+                    for label, part_id, build in members:
+                        with gr.Tab(label, id=part_id):
+                            modalities.resolve(build)(studio)
+            with gr.Tab("Analytics", id="analytics"):
+                analytics_tab.build(studio)
+            with gr.Tab("Models", id="models"):
+                models_tab.build(studio)
     return demo

@@ -1,16 +1,23 @@
-"""What every generation tab shares: the seed box, how errors are shown, and the `Runner` that calls a service.
+"""What every generation tab shares: the seed box, how errors are shown, the `Runner` that calls a service, and the
+hand-offs between tabs.
 
 A tab builds its typed request from the form and hands it to its modality's Runner, which gives the call a fresh
 request id, a per-session Stop, the progress bar, the errors as Gradio errors, and on ZeroGPU the GPU reservation
 estimated by the modality (`Modality.gpu_seconds`). The tabs' client/MCP endpoints use the same Runner.
+
+A hand-off sends a result of one tab to another tab's input and opens that tab ("Make 3D" on an image): the
+receiving tab `accept`s under a name, the sending one `send`s to the name, and the app wires both once every tab
+is built (`Handoffs.wire`), so neither tab imports the other.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import gradio as gr
@@ -153,3 +160,52 @@ class Runner(Generic[R, T]):
     def stop(self, session: str) -> bool:
         """Stop the session's generation; False when it runs none."""
         return self.flags.stop(session)
+
+
+@dataclass
+class Handoffs:
+    """The hand-offs of one app being built: inputs that accept a value, and the events that send one."""
+
+    tabs: Any = None  # the app's gr.Tabs
+    tab: str | None = None  # the id of the tab being built
+    inputs: dict[str, tuple[Any, str]] = field(default_factory=dict)  # name -> (component, its tab's id)
+    sends: list[tuple[str, Any, Callable, Any]] = field(default_factory=list)  # (name, trigger, fn, inputs)
+
+    def wire(self) -> None:
+        """Connect every send to its input: the value goes in, the input's tab opens. A send without an input
+        (the receiving tab was not built) is left unwired."""
+        for name, trigger, fn, inputs in self.sends:
+            if name not in self.inputs:
+                continue
+            target, tab = self.inputs[name]
+            trigger(lambda *values, _fn=fn, _tab=tab: (_fn(*values), gr.Tabs(selected=_tab)), inputs,
+                    [target, self.tabs], api_visibility="private")
+
+
+_handoffs: contextvars.ContextVar[Handoffs | None] = contextvars.ContextVar("handoffs", default=None)
+
+
+@contextmanager
+def handing_off(tabs: Any) -> Iterator[Handoffs]:
+    """While an app's tabs are built: collect their hand-offs; wire them at the end."""
+    handoffs = Handoffs(tabs)
+    token = _handoffs.set(handoffs)
+    try:
+        yield handoffs
+    finally:
+        _handoffs.reset(token)
+    handoffs.wire()
+
+
+def accept(name: str, component: Any) -> None:
+    """This tab's `component` takes values sent under `name` (outside an app being built: nothing)."""
+    handoffs = _handoffs.get()
+    if handoffs is not None:
+        handoffs.inputs[name] = (component, handoffs.tab)
+
+
+def send(name: str, trigger: Callable, fn: Callable, inputs: Any) -> None:
+    """When `trigger` fires (e.g. `button.click`), send `fn(*inputs)` to the input accepting `name`."""
+    handoffs = _handoffs.get()
+    if handoffs is not None:
+        handoffs.sends.append((name, trigger, fn, inputs))

@@ -18,7 +18,10 @@ from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIE
                                    ShapeRequest, ShapeResult, export_mesh, generate_shape, preview_mesh, turntable_gif)
 from studio.contract import SEED_RANGE
 from studio.runtime import Studio
+from studio.ui import controls
 from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
+
+FROM_IMAGE = "3d-image"  # the hand-off name the Image tab's "Make 3D" sends its image under
 
 
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
@@ -29,6 +32,14 @@ def _model_controls(studio: Studio, model_id: str) -> list[dict]:
         gr.update(minimum=1, maximum=opts.max_steps, value=opts.steps),
         gr.update(minimum=FRAME_STEP, maximum=opts.max_frame_size, value=opts.frame_size),
     ]
+
+
+def _input_models(studio: Studio) -> dict[str, list[str]]:
+    """The 3D models by what they make shapes from: {"text": [...], "image": [...]}."""
+    found: dict[str, list[str]] = {"text": [], "image": []}
+    for model_id in studio.models("3d"):
+        found[ShapeOptions.of(studio.registry.get(model_id)).input].append(model_id)
+    return found
 
 
 def runner(studio: Studio) -> Runner[ShapeRequest, ShapeResult]:
@@ -76,11 +87,15 @@ def build(studio: Studio) -> None:
         return
     first = models[0]
     shapes = runner(studio)
+    by_input = _input_models(studio)
     guidance_u, steps_u, frame_u = _model_controls(studio, first)
     with gr.Row():
         with gr.Column(scale=2):
             model = model_picker(studio, "3d", visible=len(models) > 1)
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a red wooden chair")
+            image = gr.Image(label="Or an image of one object (an image-to-3D model makes the shape)", type="pil",
+                             sources=["upload", "clipboard"], height=200, visible=bool(by_input["image"]),
+                             elem_id="shape-image")
             with gr.Row():
                 guidance = gr.Slider(0, MAX_GUIDANCE, step=0.5, value=guidance_u["value"], label="Guidance scale")
                 steps = gr.Slider(label="Steps", step=1, minimum=1, maximum=steps_u["maximum"], value=steps_u["value"])
@@ -103,11 +118,18 @@ def build(studio: Studio) -> None:
     def on_model(model_id: str):
         return _model_controls(studio, model_id)
 
-    def run(model_id: str, prompt_text: str, guidance_value: float, steps_value: float, frame_value: float,
-            seed_text: str, turntable_on: bool, request: gr.Request, progress=gr.Progress()):
+    def on_image(picture, model_id: str):
+        """An image picks an image-to-3D model, removing it a text one (when the current model does not fit)."""
+        wanted = "image" if picture is not None else "text"
+        if model_id in by_input[wanted] or not by_input[wanted]:
+            return [gr.update(), *(gr.update() for _ in range(3))]
+        return [gr.update(value=by_input[wanted][0]), *_model_controls(studio, by_input[wanted][0])]
+
+    def run(model_id: str, prompt_text: str, picture, guidance_value: float, steps_value: float,
+            frame_value: float, seed_text: str, turntable_on: bool, request: gr.Request, progress=gr.Progress()):
         req = ShapeRequest(prompt=prompt_text or "", model=model_id, guidance=float(guidance_value),
                            steps=int(steps_value), frame_size=int(frame_value), seed=parse_seed(seed_text),
-                           turntable=turntable_on)
+                           turntable=turntable_on, image=picture)
         return make_shape(shapes, req, session=request.session_hash or "", progress=progress)
 
     def stop_generating(request: gr.Request) -> None:
@@ -115,23 +137,31 @@ def build(studio: Studio) -> None:
             gr.Info("Nothing is being generated.")
 
     model.input(on_model, model, [guidance, steps, frame_size], api_visibility="private")
+    image.change(on_image, [image, model], [model, guidance, steps, frame_size], api_visibility="private")
+    controls.accept(FROM_IMAGE, image)
     # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
-    gr.on([go.click, prompt.submit], run, [model, prompt, guidance, steps, frame_size, seed, turntable],
+    gr.on([go.click, prompt.submit], run, [model, prompt, image, guidance, steps, frame_size, seed, turntable],
           [viewer, spin, files, status], api_visibility="private", concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
 
-    def generate_3d(prompt: str, guidance: float | None = None, steps: int | None = None, seed: int | None = None,
-                    model: str = first) -> FileData:
-        """Make a 3D shape from text with Shap-E and return it as a GLB mesh with vertex colours.
+    def generate_3d(prompt: str, guidance: float | None = None, steps: int | None = None,
+                    seed: int | None = None, model: str | None = None, image: FileData | None = None) -> FileData:
+        """Make a 3D shape from text or an image with Shap-E and return it as a GLB mesh with vertex colours.
 
         Args:
-            prompt: the object to make, e.g. "a red wooden chair".
+            prompt: the object to make, e.g. "a red wooden chair" (text models); empty with an image.
             guidance: classifier-free guidance scale, 0 to 30; empty for the model's default (15 for Shap-E).
             steps: denoising steps, 1 to the model's cap; empty for the model's default (64 for Shap-E).
             seed: 0 to 4294967295 to repeat a shape; empty for random.
-            model: the 3D model id: {models}.
+            model: the 3D model id: {models}; empty for the first that takes the input given.
+            image: a picture of one object, for an image-to-3D model.
         """
-        req = ShapeRequest(prompt=prompt, guidance=guidance, steps=steps, seed=seed, model=model, turntable=False)
+        picture = None
+        if image is not None:
+            with open(image.get("path") if isinstance(image, dict) else image.path, "rb") as fh:
+                picture = fh.read()
+        req = ShapeRequest(prompt=prompt, guidance=guidance, steps=steps, seed=seed, model=model, turntable=False,
+                           image=picture)
         result = shapes.run(req, entry="generate_3d")
         with tempfile.NamedTemporaryFile(prefix=f"shape-{result.seed}-", suffix=".glb", delete=False) as fh:
             fh.write(export_mesh(result.mesh, "glb"))
