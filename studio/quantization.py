@@ -122,7 +122,7 @@ def model_bytes(files: Mapping[str, Tensors], quantize: str | None, dtype: str,
     holds, or what the Hub's metadata lists before a download).
 
     In a diffusers pipeline (`index`: its model_index.json) only the UNet or transformer is quantized; the other
-    components count at the dtype. Variant copies (fp16, non-EMA) are left out: loading reads the plain files.
+    components count at the dtype, and single-file checkpoints at its root do not count. Variant copies (fp16, non-EMA) are left out: loading reads the plain files.
     """
     denoiser = denoiser_name(pipeline_components(index)) if quantize and index is not None else None
     total = 0
@@ -130,6 +130,8 @@ def model_bytes(files: Mapping[str, Tensors], quantize: str | None, dtype: str,
         if is_variant(path):
             continue
         component = path.rpartition("/")[0]
+        if index is not None and not component:
+            continue  # a single-file copy of the pipeline at its root: loading reads the component folders
         total += estimated_bytes(tensors, quantize if denoiser in (None, component) else None, dtype)
     return total
 
