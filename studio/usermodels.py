@@ -304,6 +304,8 @@ def scan(models_dir: Path, registry: Registry, device: str) -> tuple[list[ModelS
         for item in sorted(folder.iterdir()):
             if item.name.startswith(".") or (item.is_file() and item.suffix not in MODEL_FILES):
                 continue
+            if item.is_dir() and any((item.parent / f"{item.name}{suffix}").is_file() for suffix in MODEL_FILES):
+                continue  # the configs of the single-file checkpoint of the same name beside it
             if any(spec.path == str(item.resolve()) for spec in registry):
                 continue  # found by an earlier scan, or listed in the catalog file
             model_id = slug(item.stem if item.is_file() else item.name)

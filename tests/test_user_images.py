@@ -1,9 +1,6 @@
-"""User image models through the modality interface: the image modality's `detect` and families (built by the
-image work, issue/image) recognise a diffusers folder or a single-file checkpoint brought through the catalog
-file, the drop-in folder and the Add box, and the model draws from its REST and OpenAI routes.
-
-These tests only use `studio.modalities.get("image").detect` and the tiny builders of `studio.tiny.image`, so
-they skip (saying why) on a branch where the image families are not there yet."""
+"""User image models through the modality interface: the image modality's `detect` and families recognise a
+diffusers folder or a single-file checkpoint brought through the catalog file, the drop-in folder and the Add box,
+and the model draws from its REST and OpenAI routes."""
 
 from __future__ import annotations
 
@@ -17,26 +14,20 @@ import pytest
 import yaml
 
 from conftest import routes
-from studio import modalities
+from studio.registry import ModelSpec
 from studio.tiny import image as tiny_image
 
 SMALL = {"width": 64, "height": 64, "max_size": 128, "steps": 2}
-# The tiny image builders each family's test needs: SD 1.5 exists on main; the rest come with the image work.
-BUILDERS = ["build_stable_diffusion", "build_sdxl", "build_pixart", "build_sd3", "build_single_file_sd15"]
-
-pytestmark = pytest.mark.skipif(modalities.get("image").detect is None,
-                                reason="the image modality registers no detect yet (the image families are built "
-                                       "on issue/image)")
+# A diffusers folder of each family the tiny profile builds, and an A1111-layout single-file SD 1.5 checkpoint.
+BUILDERS = ["build_stable_diffusion", "build_sdxl", "build_sd3", "build_single_file"]
 
 
 def built(tmp_path: Path, builder: str) -> Path:
     """The tiny model a builder writes: its folder, or the single file in it (a single-file checkpoint)."""
-    build = getattr(tiny_image, builder, None)
-    if build is None:
-        pytest.skip(f"studio.tiny.image has no {builder} (it comes with the image work, issue/image)")
+    build = getattr(tiny_image, builder)
     folder = tmp_path / builder
     folder.mkdir()
-    build(folder, SimpleNamespace(stands_for=None, options={}))
+    build(folder, ModelSpec(id=builder, modality="image", label=builder, loader="unused:unused", params=0))
     files = list(folder.glob("*.safetensors"))
     return files[0] if len(files) == 1 and not (folder / "model_index.json").exists() else folder
 
@@ -49,6 +40,8 @@ def test_an_image_family_works_from_every_door_however_it_came(make_studio, tmp_
     drop = tmp_path / "models" / "image"
     drop.mkdir(parents=True)
     (shutil.copytree if source.is_dir() else shutil.copy)(source, drop / f"img-drop{source.suffix}")
+    if source.is_file():  # its configs, a folder of the same name beside it (offline: not fetched from the Hub)
+        shutil.copytree(source.with_suffix(""), drop / "img-drop")
     studio = make_studio("--models", str(tmp_path / "models.yaml"), "--models-dir", str(tmp_path / "models"))
     with routes(studio) as http:
         added = http.post("/models", json={"source": str(source), "id": "img-added", "options": SMALL})
