@@ -61,7 +61,8 @@ def test_aggregates_equal_hand_computed_values(folder):
         "p50_ms": 400.0, "p95_ms": 2400.0,  # ok latencies 100..500, 1000, 3000: rank 3 and 5.7 of 0..6
         "cache_hit_rate": 0.75, "loads": 3, "evictions": 1,
         # each modality's own totals (studio.modalities), over its successful requests
-        "replies": 5, "tokens in": 25, "tokens out": 55, "clips": 0, "audio seconds": 0.0, "images": 2,
+        "replies": 5, "tokens in": 25, "tokens out": 55, "clips": 0, "audio seconds": 0.0, "transcripts": 0,
+        "audio seconds heard": 0.0, "characters transcribed": 0, "images": 2,
         "3D meshes": 0, "videos": 0, "video seconds": 0.0, "frames": 0.0, "ms per frame": None,
     })
     latency = result.tables["latency"]

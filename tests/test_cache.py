@@ -11,7 +11,6 @@ import psutil
 import pytest
 import torch
 
-from studio import devices
 from studio.cache import CacheBusy, ModelCache, ModelLoadError, ModelTooLarge
 from studio.registry import ModelSpec, Registry, UnknownModelError
 

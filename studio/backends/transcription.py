@@ -505,7 +505,8 @@ def connect(spec: ModelSpec, path: Path | None, device: str, dtype: str) -> Prov
 @dataclass
 class ProviderTranscriber(ProviderClient):
     """A provider's `/v1/audio/transcriptions`, with the local models' interface: long audio is chunked, stopped,
-    timed and logged exactly as with a local model, and each chunk goes up as a 16 kHz WAV file."""
+    timed and logged exactly as with a local model, and each chunk goes up as a 16 kHz WAV file of float samples
+    (the provider's model hears exactly what a local one would: 16-bit samples would round them)."""
 
     sample_rate: int = 16_000
     languages: list[str] | None = None  # the provider decides
@@ -516,7 +517,7 @@ class ProviderTranscriber(ProviderClient):
         import soundfile
 
         wav = io.BytesIO()
-        soundfile.write(wav, np.clip(samples, -1.0, 1.0), self.sample_rate, format="WAV", subtype="PCM_16")
+        soundfile.write(wav, samples, self.sample_rate, format="WAV", subtype="FLOAT")
         with calling(self):
             answer = self.client.audio.transcriptions.create(
                 model=self.model, file=("audio.wav", wav.getvalue(), "audio/wav"), response_format="verbose_json",
