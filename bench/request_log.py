@@ -248,6 +248,9 @@ def synthetic_logs(n: int, now: datetime, seed: int = 0) -> logreader.Logs:
         "error_type": _categorical(np.full(events, -1), ERRORS),
     })
     reference = logreader.requests_frame([])
+    for column in reference.columns.difference(df.columns):  # other modalities' columns: empty on these rows
+        df[column] = nan
+    df = df[reference.columns]
     assert df.dtypes.astype(str).tolist() == reference.dtypes.astype(str).tolist(), "synthetic frame drifted"
     return logreader.Logs(df, cache)
 
