@@ -119,7 +119,7 @@ def test_a_gallery_image_is_edited_upscaled_and_made_into_3d(server, page):
     shape = page.get_by_role("tabpanel")
     expect(page.get_by_role("tab", name="3D", exact=True)).to_have_attribute("aria-selected", "true")
     expect(shape.locator("#shape-image img")).to_be_visible()  # the image arrived
-    expect(shape.get_by_role("combobox", name="Model")).to_have_value("tiny-shap-e-img2img")
+    expect(shape.get_by_role("combobox", name="Model")).to_have_value(re.compile(r"^Tiny Shap-E image to 3D"))
     set_slider(shape, "Steps", 2)
     shape.get_by_label("Render the turntable").uncheck()
     shape.get_by_role("button", name="Generate", exact=True).click()
