@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from e2e.conftest import CHROMIUM, TIMEOUT_MS, serve
+from e2e.conftest import CHROMIUM, LORA_NAME, TIMEOUT_MS, build_lora, serve
 
 if not CHROMIUM.exists():
     pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
@@ -24,7 +24,10 @@ TABS = ("Chat", "Image", "Speech", "3D", "Video", "Analytics", "Models")
 
 @pytest.fixture(scope="module")
 def offline_server(tmp_path_factory):
-    with serve("--profile", "auto", "--log-dir", str(tmp_path_factory.mktemp("phone-logs"))) as served:
+    loras = tmp_path_factory.mktemp("phone-loras")  # empty when the app is built
+    with serve("--profile", "auto", "--log-dir", str(tmp_path_factory.mktemp("phone-logs")),
+               "--lora-dir", str(loras)) as served:
+        served.loras = loras
         yield served
 
 
@@ -84,3 +87,15 @@ def test_the_image_lands_under_the_generate_button(offline_server, phone: Page):
     idle(panel)
     below = image.bounding_box()["y"] - (generate.bounding_box()["y"] + generate.bounding_box()["height"])
     assert 0 <= below < 200, f"the image is {below:.0f} px below Generate"
+
+
+def test_an_adapter_added_after_the_start_is_listed_when_a_page_opens(offline_server, phone: Page):
+    """No Refresh needed: the Image tab's cards and the Video tab's picker read the folders at page load."""
+    build_lora(offline_server.loras)
+    phone.goto(offline_server.url)
+    panel = open_tab(phone, "Image")
+    expect(panel.locator("#lora-cards")).to_contain_text(LORA_NAME)
+    expect(panel.get_by_text("No adapters found")).to_have_count(0)
+    video = open_tab(phone, "Video")
+    video.get_by_role("combobox", name="Adapters").click()
+    expect(phone.get_by_role("option", name=LORA_NAME)).to_be_visible()
