@@ -113,12 +113,11 @@ def build(studio: Studio) -> None:
                 go = gr.Button("Generate", variant="primary")
                 stop = gr.Button("Stop", variant="stop", interactive=False)
         with gr.Column(scale=3):
-            viewer = gr.Model3D(label="Preview: drag to rotate, scroll to zoom", clear_color=(0.95, 0.95, 0.95, 1.0),
-                                buttons=[])  # the downloads below are the one place to download
+            viewer = gr.Model3D(label="Preview: drag to rotate, scroll to zoom", clear_color=(0.95, 0.95, 0.95, 1.0))
             status = gr.Markdown()
             with gr.Row():
                 spin = gr.Image(label="Turntable", type="filepath", interactive=False, height=TURNTABLE_PX,
-                                buttons=[])
+                                buttons=[])  # the downloads beside it are the files to keep
                 files = gr.File(label="Downloads (full mesh): GLB, PLY, OBJ", file_count="multiple",
                                 interactive=False)
 
