@@ -63,6 +63,7 @@ def test_aggregates_equal_hand_computed_values(folder):
         # each modality's own totals (studio.modalities), over its successful requests
         "replies": 5, "tokens in": 25, "tokens out": 55, "clips": 0, "audio seconds": 0.0, "images": 2,
         "3D meshes": 0, "videos": 0, "video seconds": 0.0, "frames": 0.0, "ms per frame": None,
+        "transcripts": 0, "audio seconds heard": 0.0, "characters transcribed": 0,
     })
     latency = result.tables["latency"]
     assert latency.loc["tiny-llama"].tolist() == [5, 300.0, 480.0, 496.0]
