@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from studio import hub
-from studio.registry import GPU_BF16, GPU_HALF, ModelSpec, Registry, Source
+from studio.registry import GPU_BF16, GPU_HALF, Alias, ModelSpec, Registry, Source
 from studio.weights import is_cached
 
 SD15_REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -137,6 +137,23 @@ TINY_MODELS = (
 )
 
 
+def stand_ins(real: tuple[ModelSpec, ...] = DEFAULT_MODELS, tiny: tuple[ModelSpec, ...] = TINY_MODELS) -> list[Alias]:
+    """The real models' ids as aliases of their tiny stand-ins (a tiny model of the same modality that stands for
+    one of the real model's repositories), so what names `sd-1.5` runs offline too."""
+    tiny_ids = {spec.id for spec in tiny}
+    aliases = []
+    for spec in real:
+        repos = {source.repo for source in spec.sources().values()}
+        twin = next((t for t in tiny if t.modality == spec.modality and t.stands_for in repos), None)
+        if twin is not None and spec.id not in tiny_ids:
+            aliases.append(Alias(spec.id, twin.id, f"{spec.label}: tiny random-weight stand-in ({twin.id})"))
+    return aliases
+
+
+def tiny_registry() -> Registry:
+    return Registry("tiny", TINY_MODELS, stand_ins())
+
+
 def hub_reachable(timeout: float = 2.0) -> bool:
     """One TCP connect to the Hub, made only when a real model would have to be downloaded."""
     if hub.offline():
@@ -160,7 +177,7 @@ class ProfileChoice:
 def select_profile(requested: str) -> ProfileChoice:
     """`auto` uses the real models unless the machine is offline with none of them cached."""
     if requested == "tiny":
-        return ProfileChoice(Registry("tiny", TINY_MODELS), None)
+        return ProfileChoice(tiny_registry(), None)
     if requested == "default" or any(is_cached(s) for s in DEFAULT_MODELS if s.repo) or hub_reachable():
         return ProfileChoice(Registry("default", DEFAULT_MODELS), None)
     real = ", ".join(dict.fromkeys(source.repo for s in DEFAULT_MODELS for source in s.sources().values()))
@@ -168,6 +185,6 @@ def select_profile(requested: str) -> ProfileChoice:
         "No network and no cached models: running the tiny profile (small random-weight models, "
         f"plus the Piper voice). With a connection the studio uses: {real}."
     )
-    return ProfileChoice(Registry("tiny", TINY_MODELS), notice)
+    return ProfileChoice(tiny_registry(), notice)
 
 

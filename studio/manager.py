@@ -330,6 +330,7 @@ class ModelManager:
         if model_id not in self.registry and self.cancel(model_id):
             return Removal(model_id, 0, True)
         spec = self.registry.get(model_id)
+        model_id = spec.id  # an alias names its model
         if spec.provider is not None:
             raise InputError("model", f"{model_id} is served by {spec.provider.name}; remove it from the providers "
                              "file")
@@ -358,11 +359,11 @@ class ModelManager:
 
     def keep(self, model_id: str, on: bool) -> None:
         """Keep a model loaded (loading it now), or stop keeping it."""
-        self.cache.keep(model_id, on)
+        self.cache.keep(self.registry.get(model_id).id, on)
 
     def unload(self, model_id: str) -> bool:
         """Free a model's memory now (kept loaded or not); False when it was not loaded. Refused while in use."""
-        self.registry.get(model_id)
+        model_id = self.registry.get(model_id).id
         if not self.cache.resident(model_id):
             return False
         require(self.cache.unload(model_id), "model", f"{model_id} is in use; unload it when its requests have ended")

@@ -99,16 +99,28 @@ class ModelSpec:
         return "built locally (tiny profile)" if self.build else "bundled"
 
 
+@dataclass(frozen=True)
+class Alias:
+    """Another profile's model id that names an entry of this one (the tiny profile's stand-ins answer to the
+    default profile's ids, so the same request works offline)."""
+
+    id: str
+    model: str  # the id of the entry it names
+    label: str
+
+
 class Registry:
     """The models of the active profile, by id; external providers, the user catalog and the drop-in folders add
-    theirs at start-up, the model manager while the studio runs (so readers iterate over a copy)."""
+    theirs at start-up, the model manager while the studio runs (so readers iterate over a copy). An alias names an
+    entry too, unless an entry has that id."""
 
-    def __init__(self, name: str, specs: Iterable[ModelSpec]):
+    def __init__(self, name: str, specs: Iterable[ModelSpec], aliases: Iterable[Alias] = ()):
         self.name = name
         self._specs: dict[str, ModelSpec] = {}
         self._lock = threading.Lock()
         for spec in specs:
             self.add(spec)
+        self.aliases = {alias.id: alias for alias in aliases}
 
     def add(self, spec: ModelSpec) -> None:
         if spec.modality not in modalities.names():
@@ -134,10 +146,15 @@ class Registry:
         return spec
 
     def get(self, model_id: str) -> ModelSpec:
+        """The entry with this id, or the one this alias names."""
         try:
             return self._specs[model_id]
         except (KeyError, TypeError):
-            raise UnknownModelError(str(model_id), self._specs) from None
+            pass
+        alias = self.aliases.get(model_id) if isinstance(model_id, str) else None
+        if alias is not None and alias.model in self._specs:
+            return self._specs[alias.model]
+        raise UnknownModelError(str(model_id), self._specs)
 
     def of(self, modality: str) -> list[ModelSpec]:
         return [s for s in self if s.modality == modality]
@@ -147,7 +164,8 @@ class Registry:
             return iter(list(self._specs.values()))
 
     def __contains__(self, model_id: str) -> bool:
-        return model_id in self._specs
+        alias = self.aliases.get(model_id)
+        return model_id in self._specs or (alias is not None and alias.model in self._specs)
 
 
 def tiny_root() -> Path:

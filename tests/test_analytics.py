@@ -64,6 +64,7 @@ def test_aggregates_equal_hand_computed_values(folder):
         "replies": 5, "tokens in": 25, "tokens out": 55, "clips": 0, "audio seconds": 0.0, "transcripts": 0,
         "audio seconds heard": 0.0, "characters transcribed": 0, "images": 2,
         "3D meshes": 0, "videos": 0, "video seconds": 0.0, "frames": 0.0, "ms per frame": None,
+        "transcripts": 0, "audio seconds heard": 0.0, "characters transcribed": 0,
     })
     latency = result.tables["latency"]
     assert latency.loc["tiny-llama"].tolist() == [5, 300.0, 480.0, 496.0]
@@ -289,7 +290,18 @@ def test_tab_renders_the_log(make_studio, folder):
         analytics_tab.build(studio)
     out = analytics_tab.render(LogReader(folder), "All time", None, None, ["chat"], None)
     assert out[0].startswith("**7 requests**") and "1 partial" in out[0]
-    assert out[1]["choices"] == ["tiny-llama", "tiny-sd"]
+    assert out[1]["choices"] == ["tiny-llama"]  # the chosen modality's models only
+    everything = analytics_tab.render(LogReader(folder), "All time", None, None, None, ["tiny-llama"])
+    assert everything[1]["choices"] == ["tiny-llama", "tiny-sd"] and everything[1]["value"] == ["tiny-llama"]
+    images = analytics_tab.render(LogReader(folder), "All time", None, None, ["image"], ["tiny-llama"])
+    assert images[1] == gr.update(choices=["tiny-sd"], value=[])  # a chat model is no image model's filter
+    assert images[0].startswith("**3 requests**")
+    per_day = analytics_tab.render(LogReader(folder), "All time", None, None, ["image"], None, "Day")
+    requests_figure = per_day[2]  # 3 requests in one bar: ticks 0, 1, 2, 3, never 0.5
+    assert requests_figure.layout.title.text == "Requests over time (per 1D, UTC)"
+    assert requests_figure.layout.yaxis.dtick == 1 and requests_figure.layout.yaxis.tickformat == ",d"
+    with pytest.raises(gr.Error, match="Bucket: pick one of"):
+        analytics_tab.selection("All time", None, None, None, None, "Fortnight")
     start = datetime(2026, 1, 5, 11, tzinfo=timezone.utc).timestamp()
     assert analytics_tab.render(LogReader(folder), "All time", start, None, None, None)[0].startswith(
         "**3 requests**")

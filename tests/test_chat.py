@@ -12,7 +12,7 @@ import time
 import gradio as gr
 import pytest
 
-from conftest import call
+from conftest import call, collect_rows
 from studio.backends.chat import ChatRequest, complete_chat, fit_history, stream_chat, validate
 from studio.contract import InputError, UnknownModelError
 from studio.ui import chat_tab
@@ -276,23 +276,29 @@ def test_generate_text_obeys_api_keys(make_studio):
 
 def test_chat_tab_streams_and_reports_tokens_seed_and_dropped_turns(studio):
     chat = chat_tab.runner(studio)
-    box, history = chat_tab.add_message("Hello there", [])
+    rows = collect_rows(studio)
     # A fixed seed: with a random one the random-weight model may emit only partial UTF-8 bytes, which the
     # streamer holds back until the end, so the reply would arrive in one piece.
-    outputs = list(chat_tab.respond(chat, history, MODEL, "Be brief.", 24, 0.7, 0.95, 50, 1.1, "5", session="s1"))
-    assert box == "" and "Loading" in outputs[0][1]  # first use shows the model loading
+    sampling = (MODEL, "Be brief.", 24, 0.7, 0.95, 50, 1.1, "5")
+    turns = list(chat_tab.send_message(chat, "Hello there", [], *sampling, session="s1"))
+    assert turns[0] == ([{"role": "user", "content": "Hello there"}], "", "Generating…")  # shown at once
+    assert all(box == "" for _, box, _ in turns)
+    outputs = [(h, status) for h, _, status in turns[1:]]
+    assert "Loading" in outputs[0][1]  # first use shows the model loading
     replies = [h[-1]["content"] for h, _ in outputs[1:]]
     assert len(set(replies)) >= 3 and all(later.startswith(r) for r, later in zip(replies, replies[1:]))
     history, status = outputs[-1]
     assert [m["role"] for m in history] == ["user", "assistant"] and history[-1]["content"]
     assert "tokens/s" in status and "seed `5`" in status
+    assert status.endswith(f"request `{rows[-1]['request_id']}`")  # the id a user can quote is the log row's
 
     assert chat_tab.retry(history) == history[:1]
     assert chat_tab.undo(history) == ([], "Hello there")
-    with pytest.raises(gr.Error, match="Type a message"):
-        chat_tab.add_message("  ", history)
-    with pytest.raises(gr.Error, match="seed: 'abc' is not a whole number"):
-        next(chat_tab.respond(chat, history, MODEL, "", 8, 0, 1, 0, 1, "abc", session="s1"))
+    nothing = list(chat_tab.send_message(chat, "  ", history, *sampling, session="s1"))
+    assert len(nothing) == 1 and all(update == gr.update() for update in nothing[0])  # an empty box sends nothing
+    # A failed turn: the history as it was, the message back in the box, the reason in the status line.
+    *_, failed = chat_tab.send_message(chat, "Again", history, MODEL, "", 8, 0, 1, 0, 1, "abc", session="s1")
+    assert failed == (history, "Again", "⚠️ seed: 'abc' is not a whole number; leave it empty for a random seed")
 
     long = _long_history(20)
     *_, (_, status) = chat_tab.respond(chat, long, MODEL, "", 64, 0, 1, 0, 1, 7, session="s2")

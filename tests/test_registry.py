@@ -31,6 +31,31 @@ def test_auto_falls_back_to_tiny_offline_and_names_the_real_models():
     assert "TinyLlama/TinyLlama-1.1B-Chat-v1.0" in choice.notice and "tiny profile" in choice.notice
 
 
+def test_tiny_profile_answers_to_every_real_model_id():
+    """Every real model with a tiny twin of its modality is an alias of it, so README's examples run offline."""
+    registry = select_profile("tiny").registry
+    twins = {spec.id for spec in DEFAULT_MODELS} - {spec.id for spec in TINY_MODELS}
+    assert set(registry.aliases) == twins
+    for alias in registry.aliases.values():
+        real = next(spec for spec in DEFAULT_MODELS if spec.id == alias.id)
+        assert registry.get(alias.id).modality == real.modality and alias.id in registry
+        assert "tiny random-weight stand-in" in alias.label
+    assert registry.get("sd-1.5").id == "tiny-sd" and registry.get("animatediff").id == "tiny-animatediff"
+    assert [spec.id for spec in registry] == [spec.id for spec in TINY_MODELS]  # listed once, under its own id
+
+
+def test_aliases_are_listed_in_both_model_apis(http):
+    cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+    assert cards["sd-turbo"]["alias_of"] == "tiny-sd-turbo" and cards["tiny-sd-turbo"]["alias_of"] is None
+    assert "tiny random-weight stand-in" in cards["sd-turbo"]["label"]
+    assert http.get("/v1/models/whisper-small").json()["alias_of"] == "tiny-whisper"
+    catalog = http.get("/models", params={"modality": "chat"}).json()
+    assert {(a["id"], a["model"]) for a in catalog["aliases"]} == {("tinyllama-1.1b-chat", "tiny-llama"),
+                                                                   ("qwen2.5-0.5b-instruct", "tiny-qwen2")}
+    assert http.patch("/models/tinyllama-1.1b-chat", json={"keep_loaded": True}).json()["id"] == "tiny-llama"
+    assert http.post("/models/tinyllama-1.1b-chat/unload").json()["state"] == "not loaded"
+
+
 def test_explicit_default_does_not_fall_back_and_fails_clearly_on_use():
     choice = select_profile("default")
     assert choice.registry.name == "default" and choice.notice is None

@@ -92,9 +92,11 @@ def _sentence(error: dict) -> str:
     if kind == "string_too_long":
         return f"must have at most {ctx.get('max_length')} characters"
     if kind == "too_short":
-        return f"must have at least {ctx.get('min_length', 1)} item(s)"
+        least = ctx.get("min_length", 1)
+        return "must not be empty" if least == 1 else f"must have at least {least} items"
     if kind == "too_long":
-        return f"must have at most {ctx.get('max_length')} item(s)"
+        most = ctx.get("max_length")
+        return f"must have at most {most} item{'' if most == 1 else 's'}"
     if kind == "literal_error":
         return f"must be one of {ctx.get('expected', '')}".replace("'", "")
     message = str(error.get("msg", "is not valid"))

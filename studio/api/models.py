@@ -36,12 +36,19 @@ class Problem(BaseModel):
     message: str
 
 
+class AliasOut(BaseModel):
+    id: str  # another profile's id (tiny profile: a real model's) that requests may use
+    model: str  # the model it names
+    label: str
+
+
 class Catalog(BaseModel):
     budget_bytes: int
     used_bytes: int  # held by resident models now
     models: list[ModelInfo]
     downloads: list[dict[str, Any]]  # models being added: their progress (they join `models` once complete)
     problems: list[Problem]  # drop-in files and catalog entries that were left out, and why
+    aliases: list[AliasOut] = []  # ids that name one of `models` (tiny profile: the real models' ids)
 
 
 class AddModel(BaseModel):
@@ -101,15 +108,19 @@ def router(studio: Studio) -> APIRouter:
     manager = studio.manager
 
     def info(model_id: str) -> ModelInfo:
+        model_id = studio.registry.get(model_id).id
         return next(m for m in manager.catalog() if m.id == model_id)
 
     @api.get("/models")
     def list_models(modality: str | None = None) -> Catalog:
         """Every model with its modality, family, source, size at its dtype, disk use, fit, residency and use."""
         snap = studio.cache.snapshot()
-        return Catalog(budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, models=manager.catalog(modality),
+        models = manager.catalog(modality)
+        listed = {m.id for m in models}
+        aliases = [AliasOut(**vars(a)) for a in studio.registry.aliases.values() if a.model in listed]
+        return Catalog(budget_bytes=snap.budget_bytes, used_bytes=snap.used_bytes, models=models,
                        downloads=[job.status() for job in manager.downloads()],
-                       problems=[Problem(**vars(p)) for p in manager.problems])
+                       problems=[Problem(**vars(p)) for p in manager.problems], aliases=aliases)
 
     @api.post("/models/plan", responses=ADD_RESPONSES)
     def plan_model(body: AddModel) -> PlanOut:

@@ -23,7 +23,7 @@ from studio import modalities
 from studio.api.errors import public, validation_problems
 from studio.api.security import guard
 from studio.contract import InputError, UnknownModelError
-from studio.registry import ModelSpec
+from studio.registry import Alias, ModelSpec
 from studio.runtime import Studio
 from studio.telemetry.requestlog import REQUEST_ID
 
@@ -144,6 +144,7 @@ class ModelCard(BaseModel):
     label: str
     voices: list[str] | None = None  # text-to-speech models: the values `voice` takes
     options: dict[str, Any]  # the model's defaults and caps (another studio reads them when it is a provider)
+    alias_of: str | None = None  # an alias (tiny profile: a real model's id) of this studio model
 
 
 class ModelList(BaseModel):
@@ -151,11 +152,13 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def card(spec: ModelSpec) -> ModelCard:
+def card(spec: ModelSpec, alias: Alias | None = None) -> ModelCard:
+    """The model's card; under an alias, the alias's id and label."""
     options = asdict(modalities.resolve(modalities.get(spec.modality).options).of(spec))
-    return ModelCard(id=spec.id, owned_by=spec.provider.name if spec.provider else "studio", modality=spec.modality,
-                     family=spec.family, external=spec.external, label=spec.label, voices=options.get("voices"),
-                     options={k: v for k, v in options.items() if v is not None})
+    return ModelCard(id=alias.id if alias else spec.id, owned_by=spec.provider.name if spec.provider else "studio",
+                     modality=spec.modality, family=spec.family, external=spec.external,
+                     label=alias.label if alias else spec.label, voices=options.get("voices"),
+                     options={k: v for k, v in options.items() if v is not None}, alias_of=alias and spec.id)
 
 
 def router(studio: Studio) -> APIRouter:
@@ -163,11 +166,15 @@ def router(studio: Studio) -> APIRouter:
 
     @api.get("/models")
     def list_models() -> ModelList:
-        """Every model the studio serves, local and external (owned by their provider), with its limits."""
-        return ModelList(data=[card(spec) for spec in studio.registry])
+        """Every model the studio serves, local and external (owned by their provider), with its limits; then the
+        aliases (on the tiny profile, the real models' ids), each with the card of the model it names."""
+        registry = studio.registry
+        aliases = [card(registry.get(a.id), a) for a in registry.aliases.values() if a.id in registry]
+        return ModelList(data=[card(spec) for spec in registry] + aliases)
 
     @api.get("/models/{model_id}")
     def get_model(model_id: str) -> ModelCard:
-        return card(studio.registry.get(model_id))
+        spec = studio.registry.get(model_id)
+        return card(spec, studio.registry.aliases.get(model_id) if spec.id != model_id else None)
 
     return api

@@ -172,7 +172,8 @@ class _Progress:
         self.on_output()
         total = total or self.plan.steps
         done = (self.index + (step + 1) / total) / self.plan.n
-        self.call.report(done, f"image {self.index + 1}/{self.plan.n} · step {step + 1}/{total}")
+        image = f"Image {self.index + 1} of {self.plan.n}, step" if self.plan.n > 1 else "Step"
+        self.call.report(done, f"{image} {step + 1} of {total}")
 
 
 def _accepted(pipe: Any, args: dict) -> dict:

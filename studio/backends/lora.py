@@ -355,9 +355,11 @@ def _adapter_name(info: LoraInfo, stamp: tuple[int, int]) -> str:
 def _explain(info: LoraInfo, model_id: str, adapter_name: str, exc: Exception) -> str:
     text = str(exc).replace(f".{adapter_name}", "")  # the internal adapter name means nothing to the user
     lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(exc).__name__]
-    mismatch = next((line for line in lines if "size mismatch" in line), None)
-    if mismatch or "not found in the base model" in lines[0]:
-        why = f"it was made for another base model ({(mismatch or lines[0])[:240]})"
+    mismatch = any("size mismatch" in line for line in lines)
+    if mismatch or "not found in the base model" in lines[0]:  # the tensor dump means nothing to the user
+        # Its family is unknown here (a known other family is refused before any load, by check_base).
+        why = (f"it was made for another base model (its layer {'sizes' if mismatch else 'names'} do not match "
+               f"{model_id}'s); pick an adapter made for this model's family")
     else:
         why = lines[0][:240]
     return f"{info.file} cannot be loaded into {model_id}: {why}"

@@ -33,6 +33,7 @@ class Filters:
     end: datetime | None = None
     modalities: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
+    bucket: str | None = None  # requests over time per this pandas frequency ("1min", "1h", "1D"); None: auto
 
 
 def apply_filters(logs: Logs, filters: Filters) -> Logs:
@@ -58,9 +59,15 @@ def apply_filters(logs: Logs, filters: Filters) -> Logs:
 
 # ---------------------------------------------------------------------------------------------------- aggregates
 
-def time_bucket(start: datetime | pd.Timestamp, end: datetime | pd.Timestamp) -> str:
-    """Bucket width for requests over time: about 30 to 200 bars whatever the range."""
+MAX_BUCKETS = 2000  # bars of requests over time: a finer bucket than this allows is widened (the title says)
+
+
+def time_bucket(start: datetime | pd.Timestamp, end: datetime | pd.Timestamp, wanted: str | None = None) -> str:
+    """Bucket width for requests over time: `wanted` while it gives at most MAX_BUCKETS bars, else (and when
+    None) about 30 to 200 bars whatever the range."""
     span = pd.Timestamp(end) - pd.Timestamp(start)
+    if wanted is not None and span / pd.Timedelta(wanted) <= MAX_BUCKETS:
+        return wanted
     for limit, freq in ((timedelta(hours=3), "1min"), (timedelta(hours=12), "5min"), (timedelta(days=3), "1h"),
                         (timedelta(days=14), "6h")):
         if span <= limit:
@@ -178,6 +185,11 @@ def totals(df: pd.DataFrame, events: pd.DataFrame) -> dict[str, float | int | No
 # Figures are built in one constructor call each: plotly validates on every add_*/update_* call, and
 # make_subplots alone costs ten times a whole figure.
 
+def count_axis(largest: float, **axis) -> dict:
+    """A y axis of counts: whole-number ticks (Plotly would put ticks at 0.5 steps below about ten)."""
+    return {"tickformat": ",d", **({"dtick": 1} if largest < 10 else {}), **axis}
+
+
 def _empty(title: str) -> go.Figure:
     hidden = {"visible": False}
     return go.Figure(layout={"title": title, "xaxis": hidden, "yaxis": hidden, "annotations": [
@@ -195,17 +207,17 @@ def _figure(title: str, traces: list[go.Bar], panels: tuple[str, str] | None = N
     layout["yaxis"] = {"rangemode": "nonnegative", **layout.get("yaxis", {})}  # all counts, rates and times
     if panels:
         layout.update(xaxis={"domain": [0, 0.45]}, xaxis2={"domain": [0.55, 1], "anchor": "y2"},
-                      yaxis2={"anchor": "x2", "rangemode": "nonnegative"}, annotations=[
+                      yaxis2={"anchor": "x2", "rangemode": "nonnegative", **layout.get("yaxis2", {})}, annotations=[
                           {"text": text, "x": x, "xref": "paper", "xanchor": "center", "y": 1, "yref": "paper",
                            "yanchor": "bottom", "showarrow": False} for text, x in zip(panels, (0.225, 0.775))])
     return go.Figure(traces, layout={"title": title, "barmode": "group", **layout})
 
 
-def _bars(table: pd.DataFrame, columns: Mapping[str, str], title: str, yaxis: str) -> go.Figure:
+def _bars(table: pd.DataFrame, columns: Mapping[str, str], title: str, yaxis: str, counts: bool = False) -> go.Figure:
     if table.empty:
         return _empty(title)
-    return _figure(title, [_bar(table, column, label) for column, label in columns.items()],
-                   yaxis={"title": yaxis})
+    axis = count_axis(table[list(columns)].max().max(), title=yaxis) if counts else {"title": yaxis}
+    return _figure(title, [_bar(table, column, label) for column, label in columns.items()], yaxis=axis)
 
 
 def requests_figure(df: pd.DataFrame, freq: str) -> go.Figure:
@@ -215,7 +227,8 @@ def requests_figure(df: pd.DataFrame, freq: str) -> go.Figure:
         return _empty(title)
     traces = [go.Bar(name=f"{modality} · {model}", x=part["time"].tolist(), y=part["requests"].tolist())
               for (modality, model), part in series.groupby(["modality", "model"], observed=True)]
-    return _figure(title, traces, barmode="stack", yaxis={"title": "requests"})
+    tallest = series.groupby("time")["requests"].sum().max()  # the bars are stacked
+    return _figure(title, traces, barmode="stack", yaxis=count_axis(tallest, title="requests"))
 
 
 def chat_figure(table: pd.DataFrame) -> go.Figure:
@@ -232,7 +245,8 @@ def errors_figure(table: pd.DataFrame, types: pd.Series) -> go.Figure:
     if table.empty:
         return _empty(title)
     return _figure(title, [_bar(table, "error_rate", "error rate"), _bar(types, None, "errors", panel=2)],
-                   panels=("error rate by model", "error types"), showlegend=False, yaxis={"tickformat": ".0%"})
+                   panels=("error rate by model", "error types"), showlegend=False, yaxis={"tickformat": ".0%"},
+                   yaxis2=count_axis(types.max()))
 
 
 def cache_figure(table: pd.DataFrame) -> go.Figure:
@@ -241,8 +255,9 @@ def cache_figure(table: pd.DataFrame) -> go.Figure:
         return _empty(title)
     counts = [_bar(table, column, column.replace("_", " ")) for column in ("hits", "loads", "evictions",
                                                                            "failed_loads")]
+    largest = table[["hits", "loads", "evictions", "failed_loads"]].max().max()
     return _figure(title, [*counts, _bar(table, "mean_load_s", "mean load s", panel=2, showlegend=False)],
-                   panels=("requests and cache events", "mean load time (s)"))
+                   panels=("requests and cache events", "mean load time (s)"), yaxis=count_axis(largest))
 
 
 @dataclass
@@ -261,9 +276,9 @@ def report(logs: Logs, filters: Filters = Filters()) -> Report:
     selected = apply_filters(logs, filters)
     df, events = selected.requests, selected.cache
     if len(df):
-        freq = time_bucket(filters.start or df["ts"].min(), filters.end or df["ts"].max())
+        freq = time_bucket(filters.start or df["ts"].min(), filters.end or df["ts"].max(), filters.bucket)
     else:
-        freq = "1h"
+        freq = filters.bucket or "1h"
     latency = latency_table(df)
     chat = chat_table(df)
     errors, error_types = error_tables(df)
@@ -276,7 +291,7 @@ def report(logs: Logs, filters: Filters = Filters()) -> Report:
         "chat": chat_figure(chat),
         "errors": errors_figure(errors, error_types),
         "cache": cache_figure(cache),
-        "adapters": _bars(adapters, {"uses": "uses"}, "Most used LoRA adapters", "requests"),
+        "adapters": _bars(adapters, {"uses": "uses"}, "Most used LoRA adapters", "requests", counts=True),
     }
     tables = {"latency": latency, "chat": chat, "errors": errors, "error_types": error_types.to_frame("errors"),
               "cache": cache, "adapters": adapters}

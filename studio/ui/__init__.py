@@ -22,8 +22,10 @@ def build_ui(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="GenAI Studio", analytics_enabled=studio.settings.analytics) as demo:
         gr.Markdown("# GenAI Studio\nChat, speech, images and video with LoRA adapters, and 3D, from models on this "
                     "machine.")
-        if studio.notice:
-            gr.Markdown(f"> **Offline mode.** {studio.notice}", elem_id="profile-notice")
+        if studio.notice:  # one line until opened: on a phone it would fill the first screen
+            with gr.Accordion("Offline mode: small random-weight stand-ins (the tiny profile)", open=False,
+                              elem_id="profile-notice"):
+                gr.Markdown(studio.notice)
         tabs: dict[str, list[tuple[str, str, modalities.Ref]]] = {}  # title -> (label, id, build) of each part
         for modality in modalities.registered():
             if modality.tab:
@@ -31,16 +33,18 @@ def build_ui(studio: Studio) -> gr.Blocks:
                                                             modality.tab))
         for title, label, view_id, build in VIEWS:
             tabs.setdefault(title, []).append((label, view_id, build))
-        with gr.Tabs() as tab_bar, handing_off(tab_bar) as handoffs:
+        # Tabs that do not fit wrap onto a second row (on a phone too), never into a "…" menu: one tap each.
+        with gr.Tabs(overflow_behavior="wrap") as tab_bar, handing_off(tab_bar) as handoffs:
             for title, members in tabs.items():
                 handoffs.tab = title.lower()
                 with gr.Tab(title, id=title.lower()):
                     if len(members) == 1:
                         modalities.resolve(members[0][2])(studio)
                         continue
-                    for label, part_id, build in members:
-                        with gr.Tab(label, id=part_id):
-                            modalities.resolve(build)(studio)
+                    with gr.Tabs(overflow_behavior="wrap"):
+                        for label, part_id, build in members:
+                            with gr.Tab(label, id=part_id):
+                                modalities.resolve(build)(studio)
             with gr.Tab("Analytics", id="analytics"):
                 analytics_tab.build(studio)
             with gr.Tab("Models", id="models"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,13 +17,17 @@ from studio.telemetry.logreader import LogReader
 RANGES = {"Last hour": timedelta(hours=1), "Last 24 hours": timedelta(days=1), "Last 7 days": timedelta(days=7),
           "Last 30 days": timedelta(days=30), "All time": None}
 DEFAULT_RANGE = "Last 24 hours"
+AUTO_BUCKET = "Auto (from the time range)"
+BUCKETS = {AUTO_BUCKET: None, "Minute": "1min", "Hour": "1h", "Day": "1D"}  # pandas frequencies
 AUTO_REFRESH_S = 10
 
 
 def selection(span: str, start: float | None, end: float | None, modalities: list[str] | None,
-              models: list[str] | None, now: datetime | None = None) -> Filters:
+              models: list[str] | None, bucket: str = AUTO_BUCKET, now: datetime | None = None) -> Filters:
     """The filters of the form; From / To (UTC timestamps), when set, replace the preset range."""
     now = now or datetime.now(timezone.utc)
+    if bucket not in BUCKETS:
+        raise gr.Error(f"Bucket: pick one of {', '.join(BUCKETS)}.")
     if start is None and end is None:
         if span not in RANGES:
             raise gr.Error(f"Time range: pick one of {', '.join(RANGES)}.")
@@ -33,7 +38,7 @@ def selection(span: str, start: float | None, end: float | None, modalities: lis
         last = datetime.fromtimestamp(end, timezone.utc) if end is not None else None
         if first and last and first >= last:
             raise gr.Error("From must be before To.")
-    return Filters(first, last, tuple(modalities or ()), tuple(models or ()))
+    return Filters(first, last, tuple(modalities or ()), tuple(models or ()), BUCKETS[bucket])
 
 
 def _number(value: float | None, fmt: str = "{:,.0f}") -> str:
@@ -58,20 +63,25 @@ def summary(totals: dict, partial: int, folder: Path) -> str:
 
 
 def render(reader: LogReader, span: str, start: float | None, end: float | None, modalities: list[str] | None,
-           models: list[str] | None) -> list:
-    """Totals, the model choices and every figure for the selection."""
-    filters = selection(span, start, end, modalities, models)
+           models: list[str] | None, bucket: str = AUTO_BUCKET) -> list:
+    """Totals, the model choices and every figure for the selection. The Model filter offers the models of the
+    chosen modalities only; a picked model of another modality is dropped from the selection."""
+    filters = selection(span, start, end, modalities, models, bucket)
     logs = reader.read(filters.start, filters.end)
-    result = report(logs, filters)
-    known = sorted({str(m) for m in logs.requests["model"].dropna().unique()} | set(filters.models))
-    return [summary(result.totals, result.partial, reader.folder), gr.update(choices=known),
+    requests = logs.requests
+    if filters.modalities:
+        requests = requests[requests["modality"].isin(filters.modalities)]
+    known = sorted({str(m) for m in requests["model"].dropna().unique()})
+    kept = [m for m in filters.models if m in known]
+    result = report(logs, replace(filters, models=tuple(kept)))
+    return [summary(result.totals, result.partial, reader.folder), gr.update(choices=known, value=kept),
             *(result.figures[name] for name in FIGURES)]
 
 
 def export(reader: LogReader, span: str, start: float | None, end: float | None, modalities: list[str] | None,
-           models: list[str] | None) -> str:
+           models: list[str] | None, bucket: str = AUTO_BUCKET) -> str:
     """The selected rows as a CSV file."""
-    filters = selection(span, start, end, modalities, models)
+    filters = selection(span, start, end, modalities, models, bucket)
     result = report(reader.read(filters.start, filters.end), filters)
     out = Path(tempfile.mkdtemp(prefix="studio-export-")) / f"requests-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.csv"
     return str(export_csv(result.rows, out))
@@ -88,7 +98,8 @@ def build(studio: Studio) -> None:
         start = gr.DateTime(label="From (optional)", timezone="UTC", info="overrides the time range")
         end = gr.DateTime(label="To (optional)", timezone="UTC")
         modality = gr.Dropdown(list(modalities.names()), multiselect=True, label="Modality", info="all when empty")
-        model = gr.Dropdown([], multiselect=True, label="Model", info="all when empty")
+        model = gr.Dropdown([], multiselect=True, label="Model", info="all of the modality when empty")
+        bucket = gr.Dropdown(list(BUCKETS), value=AUTO_BUCKET, label="Requests per", info="bar width over time")
     with gr.Row():
         refresh = gr.Button("Refresh", variant="primary", scale=1)
         auto = gr.Checkbox(label=f"Auto-refresh every {AUTO_REFRESH_S} s", value=False, scale=1)
@@ -103,7 +114,7 @@ def build(studio: Studio) -> None:
     plots["adapters"] = gr.Plot(show_label=False)
     timer = gr.Timer(AUTO_REFRESH_S, active=False)
 
-    inputs = [span, start, end, modality, model]
+    inputs = [span, start, end, modality, model, bucket]
     outputs = [totals, model, *(plots[name] for name in FIGURES)]
 
     def show(*values):
@@ -114,7 +125,8 @@ def build(studio: Studio) -> None:
 
     common = {"api_visibility": "private", "show_progress": "hidden", "concurrency_id": "analytics",
               "concurrency_limit": 1}
-    gr.on([refresh.click, timer.tick, span.change, start.change, end.change, modality.change, model.input],
+    gr.on([refresh.click, timer.tick, span.change, start.change, end.change, modality.change, model.input,
+           bucket.change],
           show, inputs, outputs, **common)
     gr.on(None, on_load, None, outputs, **common)
     auto.change(lambda on: gr.Timer(active=on), auto, timer, api_visibility="private")

@@ -13,7 +13,7 @@ import gradio as gr
 
 from studio.backends.chat import ChatEvent, ChatOptions, ChatRequest, complete_chat, stream_chat
 from studio.runtime import Studio
-from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
+from studio.ui.controls import Runner, model_picker, new_request_id, parse_seed, seed_box, traced, wire_generation
 
 NOTICE = ("⚠️ **Answers may be wrong or made up.** Language models can hallucinate facts, names, numbers and "
           "sources; check anything that matters.")
@@ -39,19 +39,12 @@ def plain(history: History | None) -> History:
             if m.get("role") in ("user", "assistant")]
 
 
-def add_message(message: str, history: History) -> tuple[str, History]:
-    if not message or not message.strip():
-        raise gr.Error("Type a message first.", print_exception=False)
-    return "", plain(history) + [{"role": "user", "content": message}]
-
-
 def retry(history: History) -> History:
-    """Drop the last reply so that the last message is answered again."""
+    """The conversation without its last reply, so that the last message is answered again (empty: nothing to
+    retry)."""
     history = plain(history)
     while history and history[-1]["role"] == "assistant":
         history.pop()
-    if not history:
-        raise gr.Error("Nothing to retry yet.", print_exception=False)
     return history
 
 
@@ -87,7 +80,8 @@ def runner(studio: Studio) -> Runner[ChatRequest, Iterator[ChatEvent]]:
 def respond(chat: Runner, history: History, model: str, system: str, max_new_tokens: float, temperature: float,
             top_p: float, top_k: float, repetition_penalty: float, seed: str | int | None, *, session: str,
             progress: Any = None) -> Iterator[tuple[History, str]]:
-    """Answer the last user message of `history`, yielding (history, status) as the reply grows.
+    """Answer the last user message of `history`, yielding (history, status) as the reply grows; the finished
+    reply's status line ends with its request id.
 
     `progress` (a gr.Progress) shows the model's loading on its first use."""
     history = plain(history)
@@ -96,14 +90,50 @@ def respond(chat: Runner, history: History, model: str, system: str, max_new_tok
                       repetition_penalty=float(repetition_penalty), seed=parse_seed(seed))
     if not chat.studio.cache.resident(model):
         yield history, f"⏳ Loading **{model}** (first use; it may be downloaded first)…"
-    reply = ""
-    for event in chat.stream(req, session, progress):
+    reply, request_id = "", new_request_id()
+    for event in chat.stream(req, session, progress, request_id=request_id):
         # A new message dict each time: Gradio streams the difference to the previous value.
         if event.done:
-            yield history + [{"role": "assistant", "content": reply}], summary(event)
+            yield history + [{"role": "assistant", "content": reply}], traced(summary(event), request_id)
         elif event.text:
             reply += event.text
             yield history + [{"role": "assistant", "content": reply}], "Generating…"
+
+
+def turn(chat: Runner, typed: Any, before: History, asked: History, *sampling: Any, session: str,
+         progress: Any = None) -> Iterator[tuple[History, Any, str]]:
+    """Answer the last message of `asked`, yielding (history, text box, status). A failed turn shows its message
+    as a toast and in the status, puts `typed` back in the box and the history as it was `before`; the
+    conversation is never covered by an error badge."""
+    try:
+        yield asked, "", "Generating…"
+        for history, status in respond(chat, asked, *sampling, session=session, progress=progress):
+            yield history, "", status
+    except gr.Error as exc:
+        gr.Warning(exc.message)
+        yield before, typed, f"⚠️ {exc.message}"
+
+
+def send_message(chat: Runner, message: str, history: History, *sampling: Any, session: str,
+                 progress: Any = None) -> Iterator[tuple[History, Any, str]]:
+    """The box's message as a new turn; an empty box sends nothing and changes nothing."""
+    if not (message or "").strip():
+        yield gr.update(), gr.update(), gr.update()
+        return
+    before = plain(history)
+    yield from turn(chat, message, before, before + [{"role": "user", "content": message}], *sampling,
+                    session=session, progress=progress)
+
+
+def retry_reply(chat: Runner, history: History, *sampling: Any, session: str,
+                progress: Any = None) -> Iterator[tuple[History, Any, str]]:
+    """The last message answered again."""
+    asked = retry(history)
+    if not asked:
+        gr.Info("Nothing to retry yet.")
+        yield gr.update(), gr.update(), gr.update()
+        return
+    yield from turn(chat, gr.update(), plain(history), asked, *sampling, session=session, progress=progress)
 
 
 def model_defaults(studio: Studio, model_id: str) -> list:
@@ -129,7 +159,7 @@ def build(studio: Studio) -> None:
                 message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
                                      elem_id="chat-input")
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
-                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop")
+                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="chat-stop", interactive=False)
             with gr.Row():
                 retry_btn = gr.Button("Retry", size="sm", elem_id="chat-retry")
                 undo_btn = gr.Button("Undo", size="sm", elem_id="chat-undo")
@@ -148,10 +178,17 @@ def build(studio: Studio) -> None:
             seed = seed_box()
     sampling = [model, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed]
 
-    def run(history: History, model_id: str, system_prompt: str, new_tokens: float, temp: float, p: float, k: float,
-            penalty: float, seed_text: str, request: gr.Request, progress=gr.Progress(track_tqdm=True)):
-        yield from respond(chat, history, model_id, system_prompt, new_tokens, temp, p, k, penalty, seed_text,
-                           session=request.session_hash or "", progress=progress)
+    def run(message_text: str, history: History, model_id: str, system_prompt: str, new_tokens: float, temp: float,
+            p: float, k: float, penalty: float, seed_text: str, request: gr.Request,
+            progress=gr.Progress(track_tqdm=True)):
+        yield from send_message(chat, message_text, history, model_id, system_prompt, new_tokens, temp, p, k,
+                                penalty, seed_text, session=request.session_hash or "", progress=progress)
+
+    def run_again(history: History, model_id: str, system_prompt: str, new_tokens: float, temp: float, p: float,
+                  k: float, penalty: float, seed_text: str, request: gr.Request,
+                  progress=gr.Progress(track_tqdm=True)):
+        yield from retry_reply(chat, history, model_id, system_prompt, new_tokens, temp, p, k, penalty, seed_text,
+                               session=request.session_hash or "", progress=progress)
 
     def stop_reply(request: gr.Request) -> None:
         chat.stop(request.session_hash or "")
@@ -180,12 +217,12 @@ def build(studio: Studio) -> None:
         return whole.run(req, entry="generate_text").text
 
     whole = Runner(studio, "chat", complete_chat)
-    generation = {"fn": run, "inputs": [chatbot, *sampling], "outputs": [chatbot, status],
-                  "api_visibility": "private", "concurrency_id": "chat",
-                  "concurrency_limit": studio.settings.max_batch}  # replies decode together: continuous batching
-    gr.on([message.submit, send.click], add_message, [message, chatbot], [message, chatbot], queue=False,
-          api_visibility="private").success(**generation)
-    retry_btn.click(retry, chatbot, chatbot, queue=False, api_visibility="private").success(**generation)
+    # Replies decode together (continuous batching): up to --max-batch turns run at once.
+    batching = {"status": None, "go": send, "stop": stop, "concurrency_id": "chat",
+                "concurrency_limit": studio.settings.max_batch}
+    wire_generation([message.submit, send.click], run, [message, chatbot, *sampling], [chatbot, message, status],
+                    **batching)
+    wire_generation([retry_btn.click], run_again, [chatbot, *sampling], [chatbot, message, status], **batching)
     undo_btn.click(undo, chatbot, [chatbot, message], queue=False, api_visibility="private")
     clear_btn.click(lambda: ([], "", ""), None, [chatbot, message, status], queue=False, api_visibility="private")
     chatbot.clear(lambda: "", None, status, queue=False, api_visibility="private")  # the Chatbot's own trash icon

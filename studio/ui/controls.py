@@ -2,8 +2,10 @@
 hand-offs between tabs.
 
 A tab builds its typed request from the form and hands it to its modality's Runner, which gives the call a fresh
-request id, a per-session Stop, the progress bar, the errors as Gradio errors, and on ZeroGPU the GPU reservation
-estimated by the modality (`Modality.gpu_seconds`). The tabs' client/MCP endpoints use the same Runner.
+request id (the tab shows it with the result, as the log row has it), a per-session Stop, the progress bar, the
+errors as Gradio errors, and on ZeroGPU the GPU reservation estimated by the modality (`Modality.gpu_seconds`).
+The tabs' client/MCP endpoints use the same Runner. `wire_generation` connects a tab's Generate: the button is
+off and Stop on while it runs, and an error is a toast and a line in the status, with the results left in view.
 
 A hand-off sends a result of one tab to another tab's input and opens that tab ("Make 3D" on an image): the
 receiving tab `accept`s under a name, the sending one `send`s to the name, and the app wires both once every tab
@@ -13,6 +15,7 @@ is built (`Handoffs.wire`), so neither tab imports the other.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -50,6 +53,54 @@ def shown_to_user(request_id: str | None = None) -> Iterator[None]:
         logger.exception("internal error (request %s)", request_id)
         raise gr.Error(f"Internal error; the server log has the details under request id {request_id}.",
                        print_exception=False) from None
+
+
+def new_request_id() -> str:
+    """A generation's own id, as its request-log row has it: every generation gets one (a page's requests would
+    otherwise share the id of the connection's first request)."""
+    return os.urandom(16).hex()
+
+
+def traced(text: str, request_id: str) -> str:
+    """A result's status line with the generation's request id, for the user to quote."""
+    return f"{text} · request `{request_id}`"
+
+
+def kept_on_error(fn: Callable, outputs: list, status: Any) -> Callable:
+    """`fn` whose errors leave the results in view: the message as a toast and in the `status` output (replacing
+    a stale "Seed used"), every other output unchanged, no "Error" badge over them."""
+    index = outputs.index(status)
+
+    @functools.wraps(fn)  # Gradio reads the signature (gr.Request, gr.Progress) through the wrapper
+    def keeping(*args: Any, **kwargs: Any) -> list:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as exc:
+            gr.Warning(exc.message)
+            kept: list = [gr.update() for _ in outputs]
+            kept[index] = f"⚠️ {exc.message}"
+            return kept
+
+    return keeping
+
+
+def busy(running: bool) -> tuple[dict, dict]:
+    """Generate off and Stop on while a generation runs; the other way round when it ended."""
+    return gr.update(interactive=not running), gr.update(interactive=running)
+
+
+def wire_generation(triggers: list, fn: Callable, inputs: Any, outputs: list, *, status: Any, go: Any, stop: Any,
+                    **kwargs: Any) -> Any:
+    """A tab's generation event: Generate is off (and Stop on) until it ends, however it ends, and an error is
+    shown without hiding earlier results (`kept_on_error`; `status` None: `fn` shows its own errors, as the chat's
+    streaming turn does). The progress shows on the first output only. Returns the generation's event."""
+    started = gr.on(triggers, lambda: busy(True), None, [go, stop], queue=False, api_visibility="private",
+                    show_progress="hidden")
+    ran = started.then(fn if status is None else kept_on_error(fn, outputs, status), inputs, outputs,
+                       api_visibility="private", show_progress_on=outputs[0], **kwargs)
+    ran.then(lambda: busy(False), None, [go, stop], queue=False, api_visibility="private",
+             show_progress="hidden")
+    return ran
 
 
 def model_picker(studio: Studio, modality: str, **kwargs: Any) -> gr.Dropdown:
@@ -139,22 +190,26 @@ class Runner(Generic[R, T]):
         self.stream: Callable[..., Iterator[Any]] = spaces.gpu(duration)(self._stream)
 
     @contextmanager
-    def _call(self, session: str | None, progress: Any, entry: str | None) -> Iterator[Call]:
+    def _call(self, session: str | None, progress: Any, entry: str | None,
+              request_id: str | None) -> Iterator[Call]:
         report = None if progress is None else (lambda fraction, text: progress(fraction, desc=text))
+        request_id = request_id or new_request_id()
         if session is None:
-            yield Call("gradio", entry or self.modality, progress=report, request_id=os.urandom(16).hex())
+            yield Call("gradio", entry or self.modality, progress=report, request_id=request_id)
             return
         with self.flags.running(session) as cancel:
-            yield Call("ui", self.modality, session, cancel, report, os.urandom(16).hex())
+            yield Call("ui", self.modality, session, cancel, report, request_id)
 
-    def _run(self, req: R, session: str | None = None, progress: Any = None, entry: str | None = None) -> T:
-        with self._call(session, progress, entry) as call, shown_to_user(call.request_id):
+    def _run(self, req: R, session: str | None = None, progress: Any = None, entry: str | None = None,
+             request_id: str | None = None) -> T:
+        """`request_id`: the id of the generation's log row (the tab made it, to show it); default: a new one."""
+        with self._call(session, progress, entry, request_id) as call, shown_to_user(call.request_id):
             return self.service(self.studio, req, call)
 
-    def _stream(self, req: R, session: str | None = None, progress: Any = None,
-                entry: str | None = None) -> Iterator[Any]:
+    def _stream(self, req: R, session: str | None = None, progress: Any = None, entry: str | None = None,
+                request_id: str | None = None) -> Iterator[Any]:
         """A streaming service (chat): its events as it yields them."""
-        with self._call(session, progress, entry) as call, shown_to_user(call.request_id):
+        with self._call(session, progress, entry, request_id) as call, shown_to_user(call.request_id):
             yield from self.service(self.studio, req, call)
 
     def stop(self, session: str) -> bool:

@@ -23,7 +23,8 @@ from studio.backends.lora import MAX_WEIGHT, save_card
 from studio.backends.shape import ShapeOptions
 from studio.runtime import Studio
 from studio.ui import controls, lora_cards
-from studio.ui.controls import Runner, parse_seed, seed_box, shown_to_user
+from studio.ui.controls import (Runner, new_request_id, parse_seed, seed_box, shown_to_user, traced,
+                                wire_generation)
 from studio.ui.loras import SLOTS, sliders
 
 HISTORY = 48  # images kept per session in the gallery
@@ -39,7 +40,10 @@ def _model_controls(studio: Studio, model_id: str) -> list[dict]:
     """Steps, guidance, width, height, number of images, negative prompt, modes and sampler set to a model's
     defaults and caps (an external model without published caps gets generous sliders; its provider checks)."""
     opts = _options(studio, model_id)
-    size = {"minimum": MIN_SIZE, "maximum": opts.max_size or 2048, "step": SIZE_STEP}
+    cap = opts.max_size or 2048
+    # The slider sets a typed value past its cap to the cap: say the cap where the value is typed.
+    size = {"minimum": MIN_SIZE, "maximum": cap, "step": SIZE_STEP,
+            "info": f"{MIN_SIZE} to {cap:,} px for this model (a larger value is set to {cap:,})"}
     modes = opts.modes or ("txt2img",)
     samplers = list(opts.samplers or ())
     return [
@@ -151,8 +155,10 @@ def build(studio: Studio) -> None:
                                   value=steps_u["value"])
                 guidance = gr.Slider(0, MAX_GUIDANCE, step=0.5, label="Guidance scale", value=guidance_u["value"])
             with gr.Row():
-                width = gr.Slider(label="Width", **{k: width_u[k] for k in ("minimum", "maximum", "step", "value")})
-                height = gr.Slider(label="Height", **{k: height_u[k] for k in ("minimum", "maximum", "step", "value")})
+                width = gr.Slider(label="Width", **{k: width_u[k] for k in ("minimum", "maximum", "step", "value",
+                                                                          "info")})
+                height = gr.Slider(label="Height", **{k: height_u[k] for k in ("minimum", "maximum", "step", "value",
+                                                                            "info")})
             with gr.Row():
                 seed = seed_box("Empty: random. The seed used is shown below the gallery.")
                 n = gr.Slider(1, n_u["maximum"], value=1, step=1, label="Number of images")
@@ -179,10 +185,10 @@ def build(studio: Studio) -> None:
                     with gr.Row():
                         save_card_btn = gr.Button("Save card", size="sm")
                         set_preview = gr.Button("Use the selected gallery image as its preview", size="sm")
+        with gr.Column(scale=3):  # Generate heads the results: on a phone (one column) the image lands under it
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
-        with gr.Column(scale=3):
+                stop = gr.Button("Stop", variant="stop", interactive=False)
             gallery = gr.Gallery(label="This session's images", columns=3, format="png", object_fit="contain",
                                  buttons=["download", "fullscreen"])
             used = gr.Markdown()
@@ -244,7 +250,8 @@ def build(studio: Studio) -> None:
                            steps=int(form[steps]), guidance=float(form[guidance]),
                            width=None if edits else int(form[width]), height=None if edits else int(form[height]),
                            seed=parse_seed(form[seed]), n=int(form[n]), adapters=adapters)
-        result: ImageResult = images.run(req, request.session_hash or "", progress)
+        request_id = new_request_id()
+        result: ImageResult = images.run(req, request.session_hash or "", progress, request_id=request_id)
         new = []
         for index, out in enumerate(result.images):
             settings = result.image_settings(index)
@@ -253,7 +260,7 @@ def build(studio: Studio) -> None:
         text = f"Seed used: **{result.seed}**" + (" (images after the first use the next seeds)" if req.n > 1 else "")
         if result.stopped:
             text += f" · **stopped**: {len(result.images)} of {req.n} image(s), the last one partly denoised"
-        return [(path, _caption(s)) for path, s in past], text, past, new[0][1] if new else None, 0 if new else None
+        return [(path, _caption(s)) for path, s in past], traced(text, request_id), past, new[0][1] if new else None, 0 if new else None
 
     def on_select(past: list, evt: gr.SelectData):
         inside = 0 <= evt.index < len(past)
@@ -357,12 +364,23 @@ def build(studio: Studio) -> None:
     picked.input(on_pick, [picked, shown, prompt, *weights], [shown, *weights, triggers, add_triggers],
                  api_visibility="private")
     add_triggers.click(on_add_triggers, [prompt, picked], [prompt, triggers, add_triggers], api_visibility="private")
+    def on_open():
+        """The adapters found now, when the page opens; nothing changes on the page when they are those it was
+        built with (a needless update would shift the layout under a user who already started)."""
+        if _adapters(studio, first, refresh=True) == (lora_choices, cards, note):
+            return [gr.update() for _ in range(4)]
+        return on_refresh(first, [])
+
     refresh.click(on_refresh, [model, picked], [picked, card_view, lora_note, card_name], api_visibility="private")
+    # No inputs: on page load only. The list the app was built with would be stale after a Refresh or a new file.
+    gr.on(None, on_open, None, [picked, card_view, lora_note, card_name], api_visibility="private",
+          show_progress="hidden")
     # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
-    gr.on([go.click, prompt.submit], run,  # a set of inputs: `run` gets one dict, component -> value
-          {model, mode, editor, strength, mask_blur, scale, prompt, negative, sampler, steps, guidance, width, height,
-           seed, n, shown, history, *weights},
-          [gallery, used, history, details, selected], api_visibility="private", concurrency_limit=None)
+    wire_generation([go.click, prompt.submit], run,  # a set of inputs: `run` gets one dict, component -> value
+                    {model, mode, editor, strength, mask_blur, scale, prompt, negative, sampler, steps, guidance,
+                     width, height, seed, n, shown, history, *weights},
+                    [gallery, used, history, details, selected], status=used, go=go, stop=stop,
+                    concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
     gallery.select(on_select, history, [details, selected], api_visibility="private")
     reuse.click(on_reuse, [details, model], [*restored, editor], api_visibility="private")

@@ -34,6 +34,7 @@ class LoraPicker:
     def __init__(self, studio: Studio, visible: bool = True):
         self.studio = studio
         names, note = usable(studio)
+        self.built = (names, note)  # what the page shows when it opens
         with gr.Accordion("LoRA adapters", open=True, visible=visible) as self.box:
             with gr.Row():
                 self.picked = gr.Dropdown(names, value=[], multiselect=True, max_choices=SLOTS, scale=4,
@@ -78,3 +79,11 @@ class LoraPicker:
         self.picked.input(self._on_pick, [self.picked, self.shown, *self.weights], [self.shown, *self.weights],
                           api_visibility="private")
         self.refresh.click(self._on_refresh, self.picked, [self.picked, self.note], api_visibility="private")
+        # No inputs: on page load only. The list the app was built with would be stale after a Refresh or a new file.
+        gr.on(None, self._on_open, None, [self.picked, self.note], api_visibility="private", show_progress="hidden")
+
+    def _on_open(self) -> tuple[dict, str | dict]:
+        """The adapters found now; no change on the page when they are those it was built with."""
+        if usable(self.studio, refresh=True) == self.built:
+            return gr.update(), gr.update()
+        return self._on_refresh([])

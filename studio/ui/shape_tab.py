@@ -13,15 +13,17 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import FileData
+from PIL import Image
 
 from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIEW_MAX_FACES, ShapeOptions,
                                    ShapeRequest, ShapeResult, export_mesh, generate_shape, preview_mesh, turntable_gif)
 from studio.contract import SEED_RANGE
 from studio.runtime import Studio
 from studio.ui import controls
-from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
+from studio.ui.controls import Runner, model_picker, new_request_id, parse_seed, seed_box, wire_generation
 
 FROM_IMAGE = "3d-image"  # the hand-off name the Image tab's "Make 3D" sends its image under
+TURNTABLE_PX = 256  # the turntable is shown this size, whatever size its frames were rendered at
 
 
 def _model_controls(studio: Studio, model_id: str) -> list[dict]:
@@ -52,7 +54,8 @@ def make_shape(shapes: Runner, req: ShapeRequest, *, session: str, progress=None
 
     Returns (preview GLB path, GIF path or None, [GLB, PLY, OBJ paths], status text)."""
     started = time.monotonic()
-    result = shapes.run(req, session, progress)
+    request_id = new_request_id()
+    result = shapes.run(req, session, progress, request_id=request_id)
     folder = Path(tempfile.mkdtemp(prefix="studio-3d-"))
     downloads = []
     for fmt in MEDIA_TYPES:
@@ -67,10 +70,12 @@ def make_shape(shapes: Runner, req: ShapeRequest, *, session: str, progress=None
     gif_path = None
     if result.frames:
         gif_path = str(folder / f"turntable-{result.seed}.gif")
-        Path(gif_path).write_bytes(turntable_gif(result.frames))
+        shown = [frame if frame.width >= TURNTABLE_PX else frame.resize((TURNTABLE_PX, TURNTABLE_PX), Image.LANCZOS)
+                 for frame in result.frames]
+        Path(gif_path).write_bytes(turntable_gif(shown))
     faces = len(result.mesh.faces)
     text = (f"Seed used: **{result.seed}** · {faces:,} faces · {result.steps} steps · "
-            f"{time.monotonic() - started:.1f} s")
+            f"{time.monotonic() - started:.1f} s · request `{request_id}`")
     if simplified:
         text += (f"\n\nThe preview is **simplified** to {len(preview.faces):,} of {faces:,} faces "
                  f"(cap {max_faces:,}); the downloads keep the full mesh.")
@@ -106,12 +111,13 @@ def build(studio: Studio) -> None:
             turntable = gr.Checkbox(True, label="Render the turntable (20 frames; slow without a GPU)")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
+                stop = gr.Button("Stop", variant="stop", interactive=False)
         with gr.Column(scale=3):
             viewer = gr.Model3D(label="Preview: drag to rotate, scroll to zoom", clear_color=(0.95, 0.95, 0.95, 1.0))
             status = gr.Markdown()
             with gr.Row():
-                spin = gr.Image(label="Turntable", type="filepath", interactive=False, height=256)
+                spin = gr.Image(label="Turntable", type="filepath", interactive=False, height=TURNTABLE_PX,
+                                buttons=[])  # the downloads beside it are the files to keep
                 files = gr.File(label="Downloads (full mesh): GLB, PLY, OBJ", file_count="multiple",
                                 interactive=False)
 
@@ -140,8 +146,8 @@ def build(studio: Studio) -> None:
     image.change(on_image, [image, model], [model, guidance, steps, frame_size], api_visibility="private")
     controls.accept(FROM_IMAGE, image)
     # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
-    gr.on([go.click, prompt.submit], run, [model, prompt, image, guidance, steps, frame_size, seed, turntable],
-          [viewer, spin, files, status], api_visibility="private", concurrency_limit=None)
+    wire_generation([go.click, prompt.submit], run, [model, prompt, image, guidance, steps, frame_size, seed, turntable],
+                    [viewer, spin, files, status], status=status, go=go, stop=stop, concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
 
     def generate_3d(prompt: str, guidance: float | None = None, steps: int | None = None,

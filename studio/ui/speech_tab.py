@@ -14,12 +14,18 @@ from gradio.data_classes import FileData
 
 from studio.backends.speech import MAX_TEXT_CHARS, SpeechOptions, SpeechRequest, SpeechResult, synthesize, wav_bytes
 from studio.runtime import Studio
-from studio.ui.controls import Runner, model_picker, parse_seed, seed_box
+from studio.ui.controls import Runner, model_picker, new_request_id, parse_seed, seed_box, traced, wire_generation
 
 BARK_CUES = ("**Bark cues:** write `[laughs]`, `[laughter]`, `[sighs]`, `[gasps]`, `[clears throat]` or `[music]` in "
              "the text; `...` or `—` for hesitation, `♪` around sung lyrics, CAPITALS for emphasis. Bark speaks about "
              "13 s per call, so long text is spoken sentence by sentence.")
 SEED_INFO = "Empty: random. The same seed repeats the clip."
+# The character counter under the text, counted in the browser (no request per key). The box has no maxlength:
+# pasted text is never cut silently; text over the limit is refused with a message when spoken.
+COUNTER_JS = (f"(text) => {{ const n = [...(text || '')].length; return n > {MAX_TEXT_CHARS} ? "
+              f"`**${{n.toLocaleString('en')}} / {MAX_TEXT_CHARS:,} characters**: ${{(n - {MAX_TEXT_CHARS})"
+              f".toLocaleString('en')}} over the limit; shorten the text` : `${{n.toLocaleString('en')}} / "
+              f"{MAX_TEXT_CHARS:,} characters`; }}")
 
 
 def model_controls(studio: Studio, model_id: str | None) -> tuple[dict, dict, str]:
@@ -57,10 +63,11 @@ def speak(speech: Runner, text: str, model: str | None, voice: str | None, seed:
           progress=None) -> tuple[str | None, str]:
     """Speak the text: (WAV path or None, status)."""
     req = SpeechRequest(text=text or "", model=model, voice=voice or None, seed=parse_seed(seed))
-    result = speech.run(req, session, progress)
+    request_id = new_request_id()
+    result = speech.run(req, session, progress, request_id=request_id)
     if not result.pieces:
-        return None, "Stopped before the first piece was spoken."
-    return _wav_file(result), summary(result)
+        return None, traced("Stopped before the first piece was spoken.", request_id)
+    return _wav_file(result), traced(summary(result), request_id)
 
 
 def build(studio: Studio) -> None:
@@ -72,9 +79,10 @@ def build(studio: Studio) -> None:
     voice_u, seed_u, note_text = model_controls(studio, models[0])
     with gr.Row():
         with gr.Column(scale=3):
-            text = gr.Textbox(label="Text", elem_id="speech-text", lines=6, max_length=MAX_TEXT_CHARS,
+            text = gr.Textbox(label="Text", elem_id="speech-text", lines=6,
                               placeholder="Hello! This studio speaks with Bark, MMS-TTS and Piper.",
                               info=f"Up to {MAX_TEXT_CHARS:,} characters; long text is spoken sentence by sentence.")
+            counter = gr.Markdown(f"0 / {MAX_TEXT_CHARS:,} characters", elem_id="speech-counter")
             with gr.Row():
                 model = model_picker(studio, "text-to-speech", elem_id="speech-model")
                 voice = gr.Dropdown(label="Voice", elem_id="speech-voice",
@@ -83,7 +91,7 @@ def build(studio: Studio) -> None:
             note = gr.Markdown(note_text)
             with gr.Row():
                 go = gr.Button("Speak", variant="primary", elem_id="speech-speak")
-                stop = gr.Button("Stop", variant="stop", elem_id="speech-stop")
+                stop = gr.Button("Stop", variant="stop", elem_id="speech-stop", interactive=False)
         with gr.Column(scale=2):
             audio = gr.Audio(label="Speech", type="filepath", format="wav", interactive=False, buttons=["download"])
             stats = gr.Markdown(elem_id="speech-stats")
@@ -115,6 +123,8 @@ def build(studio: Studio) -> None:
     model.change(lambda model_id: model_controls(studio, model_id), model, [voice, seed, note],
                  api_visibility="private")
     # The studio's per-model slots queue generations, so Gradio itself does not limit these events.
-    go.click(run, [text, model, voice, seed], [audio, stats], api_visibility="private", concurrency_limit=None)
+    wire_generation([go.click], run, [text, model, voice, seed], [audio, stats], status=stats, go=go, stop=stop,
+                    concurrency_limit=None)
+    text.change(None, text, counter, js=COUNTER_JS, api_visibility="private")
     stop.click(stop_speaking, None, None, queue=False, api_visibility="private")
     gr.api(generate_speech, api_name="generate_speech", concurrency_limit=None)

@@ -17,7 +17,7 @@ from gradio.data_classes import FileData
 from studio.backends.transcription import (TranscriptionOptions, TranscriptionRequest, TranscriptionResult,
                                            language_name, to_srt, to_text, to_vtt, transcribe)
 from studio.runtime import Studio
-from studio.ui.controls import Runner
+from studio.ui.controls import Runner, new_request_id, traced, wire_generation
 
 AUTO = "auto"
 FORMATS = {"txt": to_text, "srt": to_srt, "vtt": to_vtt}
@@ -87,10 +87,11 @@ def transcribe_recording(stt: Runner, path: str | None, model: str | None, langu
                          progress: Any = None) -> tuple[str, list[list[str]], list[str], str]:
     """Transcribe the recording: (text, segment rows, download paths, status)."""
     req = to_request(stt.studio, path, model, language, prompt)
-    result = stt.run(req, session, progress)
+    request_id = new_request_id()
+    result = stt.run(req, session, progress, request_id=request_id)
     rows = [[stamp(s.start), stamp(s.end), s.text] for s in result.transcript.segments]
     name = Path(path).stem if path else "transcript"
-    return result.text, rows, downloads(result, name), summary(result, req.language is not None)
+    return result.text, rows, downloads(result, name), traced(summary(result, req.language is not None), request_id)
 
 
 def build(studio: Studio) -> None:
@@ -115,7 +116,7 @@ def build(studio: Studio) -> None:
                                 placeholder="optional: names and spellings to expect (Whisper)")
             with gr.Row():
                 go = gr.Button("Transcribe", variant="primary", elem_id="stt-transcribe")
-                stop = gr.Button("Stop", variant="stop", elem_id="stt-stop")
+                stop = gr.Button("Stop", variant="stop", elem_id="stt-stop", interactive=False)
             gr.Markdown(limits)
         with gr.Column(scale=3):
             text = gr.Textbox(label="Text", lines=6, buttons=["copy"], interactive=False, elem_id="stt-text")
@@ -156,7 +157,7 @@ def build(studio: Studio) -> None:
     generate_transcript.__doc__ = generate_transcript.__doc__.format(models=", ".join(models))
 
     model.change(lambda model_id: language_choices(studio, model_id), model, language, api_visibility="private")
-    go.click(run, [audio, model, language, prompt], [text, segments, files, stats], api_visibility="private",
-             concurrency_limit=None)
+    wire_generation([go.click], run, [audio, model, language, prompt], [text, segments, files, stats], status=stats,
+                    go=go, stop=stop, concurrency_limit=None)
     stop.click(stop_transcribing, None, None, queue=False, api_visibility="private")
     gr.api(generate_transcript, api_name="generate_transcript", concurrency_limit=None)

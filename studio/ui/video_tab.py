@@ -17,7 +17,7 @@ from gradio.data_classes import FileData
 from studio.backends.video import (FORMATS, MAX_FPS, MAX_GUIDANCE, MIN_SIZE, SHAPES, VideoOptions, VideoRequest,
                                    VideoResult, generate_video)
 from studio.runtime import Studio
-from studio.ui.controls import Runner, parse_seed, seed_box
+from studio.ui.controls import Runner, new_request_id, parse_seed, seed_box, traced, wire_generation
 from studio.ui.loras import LoraPicker
 
 HISTORY = 24  # clips kept per session in the list
@@ -102,7 +102,7 @@ def build(studio: Studio) -> None:
             loras = LoraPicker(studio, visible=loras_u["visible"])
             with gr.Row():
                 go = gr.Button("Generate", variant="primary")
-                stop = gr.Button("Stop", variant="stop")
+                stop = gr.Button("Stop", variant="stop", interactive=False)
         with gr.Column(scale=3):
             player = gr.Video(label="Video", autoplay=True, loop=True, buttons=["download"], interactive=False,
                               elem_id="video-player")
@@ -123,16 +123,17 @@ def build(studio: Studio) -> None:
                            frames=int(form[frames]), fps=float(form[fps]), width=int(form[width]),
                            height=int(form[height]), steps=int(form[steps]), guidance=float(form[guidance]),
                            seed=parse_seed(form[seed]), adapters=loras.adapters(form), formats=formats)
-        result = videos.run(req, request.session_hash or "", progress)
+        request_id = new_request_id()
+        result = videos.run(req, request.session_hash or "", progress, request_id=request_id)
         past = form[history]
         if result.stopped:
-            text = "**Stopped**: the clip was not finished and nothing was kept."
+            text = traced("**Stopped**: the clip was not finished and nothing was kept.", request_id)
             return gr.update(), text, gr.update(), gr.update(), past, gr.update()
         clip = {"paths": save_clip(result), "settings": result.settings}
         past = [clip, *past][:HISTORY]
         settings = result.settings
-        text = (f"Seed used: **{result.seed}** · {settings['frames']} frames · "
-                f"{settings['frames'] / settings['fps']:g} s at {settings['fps']:g} fps")
+        text = traced(f"Seed used: **{result.seed}** · {settings['frames']} frames · "
+                      f"{settings['frames'] / settings['fps']:g} s at {settings['fps']:g} fps", request_id)
         mp4, files, _ = _shown(clip)
         gallery = [(c["paths"]["thumbnail"], _caption(c["settings"])) for c in past]
         return mp4, text, files, gallery, past, settings
@@ -160,9 +161,11 @@ def build(studio: Studio) -> None:
                 api_visibility="private")
     loras.wire()
     # The studio's per-model slots queue generations, so Gradio itself does not limit this event.
-    gr.on([go.click, prompt.submit], run,  # a set of inputs: `run` gets one dict, component -> value
-          {model, prompt, negative, frames, fps, width, height, steps, guidance, seed, extra, history, *loras.inputs},
-          [player, status, downloads, clips, history, details], api_visibility="private", concurrency_limit=None)
+    wire_generation([go.click, prompt.submit], run,  # a set of inputs: `run` gets one dict, component -> value
+                    {model, prompt, negative, frames, fps, width, height, steps, guidance, seed, extra, history,
+                     *loras.inputs},
+                    [player, status, downloads, clips, history, details], status=status, go=go, stop=stop,
+                    concurrency_limit=None)
     stop.click(stop_generating, None, None, queue=False, api_visibility="private")
     clips.select(on_select, history, [player, downloads, details], api_visibility="private")
     reuse.click(on_reuse, details, [model, prompt, negative, frames, fps, width, height, steps, guidance, loras.box,

@@ -53,7 +53,7 @@ PLAYED = """async (video) => {
     return video.currentTime;
 }"""
 REPLY = '#chat-history [data-testid="bot"]'
-PROGRESS = ".progress-level-inner"  # the progress bar's text, e.g. "image 1/1 · step 3/50"
+PROGRESS = ".progress-level-inner"  # the progress bar's text, e.g. "Step 3 of 50"
 
 
 def open_tab(page: Page, *names: str) -> Locator:
@@ -212,22 +212,51 @@ def test_stop_ends_a_generation_early(server, page, monkeypatch):
     steps = panel.get_by_label("number input for Steps", exact=True)
     expect(steps).to_have_attribute("max", "50")  # the model's caps and defaults have arrived
     expect(panel.get_by_label("number input for Guidance scale", exact=True)).to_have_value("7.5")
-    fill(steps, 50)
+    for _ in range(3):  # on a loaded machine a late model-change update can set Steps back to the default
+        idle(panel)
+        fill(steps, 50)
+        page.wait_for_timeout(1000)
+        if steps.input_value() == "50":
+            break
     expect(steps).to_have_value("50")
     set_slider(panel, "Width", 128)
     set_slider(panel, "Height", 128)
     panel.get_by_role("textbox", name=PROMPT).fill("a slow, detailed landscape")
     logged = len(server.rows)
     page.evaluate(WATCH, PROGRESS)
-    panel.get_by_role("button", name="Generate", exact=True).click()
-    expect(panel.get_by_text(re.compile(r"step \d+/50")).first).to_be_visible()  # steps are running
-    panel.get_by_role("button", name="Stop", exact=True).click()
+    generate, stop = (panel.get_by_role("button", name=name, exact=True) for name in ("Generate", "Stop"))
+    expect(stop).to_be_disabled()  # nothing to stop yet
+    generate.click()
+    expect(panel.get_by_text(re.compile(r"Step \d+ of 50")).first).to_be_visible()  # steps are running
+    expect(generate).to_be_disabled()  # a second click cannot queue a second image
+    expect(panel.locator(PROGRESS)).to_have_count(1)  # one progress bar, on the gallery
+    stop.click()
     expect(panel.get_by_text("stopped")).to_be_visible()
     idle(panel)
+    expect(generate).to_be_enabled()
+    expect(stop).to_be_disabled()
     steps_shown = [int(n) for text in page.evaluate("s => window.seen[s]", PROGRESS)
-                   for n in re.findall(r"step (\d+)/50", text)]
+                   for n in re.findall(r"Step (\d+) of 50", text)]
     assert steps_shown and max(steps_shown) < 50, f"the progress bar went on: {steps_shown}"
     assert len(server.rows) == logged + 1 and last_row(server, "image")["status"] == "stopped"
+
+
+def test_each_generation_has_its_own_request_id_shown_with_it(server, page):
+    """Two generations of one page: two log rows with different ids, each shown beside its result."""
+    panel = open_studio(page, server.url, "Image")
+    panel.get_by_role("textbox", name=PROMPT).fill("a lighthouse")
+    shown, previous = [], "-"
+    for _ in range(2):
+        logged = len(server.rows)
+        panel.get_by_role("button", name="Generate", exact=True).click()
+        line = panel.get_by_text(re.compile(rf"^Seed used: .* · request (?!{previous})[0-9a-f]{{32}}$"))
+        expect(line).to_have_count(1)  # this generation's line, not the last one's
+        expect(panel.get_by_role("button", name="Generate", exact=True)).to_be_enabled()
+        assert len(server.rows) == logged + 1
+        shown.append((re.search(r"[0-9a-f]{32}$", line.inner_text()).group(), server.rows[-1]["request_id"]))
+        previous = shown[-1][0]
+        idle(panel)
+    assert shown[0][0] == shown[0][1] and shown[1][0] == shown[1][1] and shown[0][0] != shown[1][0]
 
 
 def test_analytics_reflects_the_requests(server, page):

@@ -63,6 +63,7 @@ def test_a_mask_painted_in_the_editor_is_inpainted_and_the_rest_kept(server, pag
     panel = open_studio(page, server.url, "Image")
     panel.get_by_label("Inpaint", exact=True).check()
     editor = page.locator("#image-editor")
+    expect(editor).to_contain_text("paint the area")  # the mode's update has arrived: it would reset an upload
     editor.locator("input[type=file]").set_input_files(str(tmp_path / "input.png"))
     canvas = editor.locator("canvas").first
     expect(canvas).to_be_visible()
@@ -119,6 +120,7 @@ def test_a_gallery_image_is_edited_upscaled_and_made_into_3d(server, page):
     shape = page.get_by_role("tabpanel")
     expect(page.get_by_role("tab", name="3D", exact=True)).to_have_attribute("aria-selected", "true")
     expect(shape.locator("#shape-image img")).to_be_visible()  # the image arrived
+    # The picker shows the model's label (with its size): the image picked the image-to-3D model.
     expect(shape.get_by_role("combobox", name="Model")).to_have_value(re.compile(r"^Tiny Shap-E image to 3D"))
     set_slider(shape, "Steps", 2)
     shape.get_by_label("Render the turntable").uncheck()
