@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.conftest import CHROMIUM, LOGIN, LORA_NAME
+from e2e.conftest import API_KEY, CHROMIUM, LOGIN, LORA_NAME
 
 if not CHROMIUM.exists():
     pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
@@ -265,6 +265,18 @@ def test_login_when_auth_is_on(auth_server, page):
         expect(page.get_by_role("tab", name=tab, exact=True)).to_be_visible()
     send_chat(open_tab(page, "Chat"), "logged in")  # the queue works with the login cookie
     assert last_row(auth_server, "chat")["status"] == "ok"
+
+
+def test_the_ui_generates_with_an_api_key_set(server, page):
+    """The key guards Gradio's queue and upload against programs; the page's own session cookie lets the UI in."""
+    import httpx
+
+    assert server.studio.settings.api_keys == (API_KEY,)
+    anonymous = httpx.post(server.url + "/gradio_api/queue/join", json={"data": [], "fn_index": 0,
+                                                                        "session_hash": "x"})
+    assert anonymous.status_code == 401
+    send_chat(open_studio(page, server.url, "Chat"), "with a key set")
+    assert last_row(server, "chat")["status"] == "ok"
 
 
 def test_the_page_contacts_only_the_studio(server, auth_server, page, requested_urls):
