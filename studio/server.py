@@ -17,6 +17,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from studio.api import build_router
+from studio.api.bodylimit import BodyLimitMiddleware
 from studio.api.errors import ERROR_HANDLERS
 from studio.api.security import AccessMiddleware
 from studio.runtime import Studio, describe, preload_ids
@@ -63,7 +64,8 @@ def app_kwargs(studio: Studio) -> dict:
         "exception_handlers": ERROR_HANDLERS,
         "lifespan": _lifespan(studio),
         "middleware": [Middleware(RequestIdMiddleware, metrics=studio.metrics),
-                       Middleware(AccessMiddleware, keys=studio.settings.api_keys, users=dict(studio.settings.auth))],
+                       Middleware(AccessMiddleware, keys=studio.settings.api_keys, users=dict(studio.settings.auth)),
+                       Middleware(BodyLimitMiddleware, upload_limit=studio.upload_limit)],
     }
 
 

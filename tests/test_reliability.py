@@ -209,3 +209,33 @@ def test_a_failed_request_leaves_the_keep_alive_connection_usable(live_server, m
         assert connection.sock is sock  # the same connection, not a new one
     finally:
         connection.close()
+
+
+# ---------------------------------------------------------------------------------------------- bounded work
+
+def test_an_oversized_body_is_refused_before_it_is_parsed(studio, monkeypatch):
+    """A 10 MB chat prompt was parsed and tokenized (10-17 s of CPU) before being refused. Now a body over its
+    route's limit is a 413 before anything reads it, whether it declares its length or streams in chunks."""
+    from conftest import routes
+    from studio.api import bodylimit, chat
+
+    monkeypatch.setattr(chat, "stream_chat", lambda *a, **k: pytest.fail("the body reached the service"))
+    monkeypatch.setattr(chat, "complete_chat", lambda *a, **k: pytest.fail("the body reached the service"))
+    huge = ('{"prompt": "' + "word " * 2_000_000 + '"}').encode()
+
+    def chunks():
+        for start in range(0, len(huge), 65536):
+            yield huge[start:start + 65536]
+
+    with routes(studio) as http:
+        for path in ("/generate/text", "/v1/chat/completions"):
+            for content in (huge, chunks()):
+                answer = http.post(path, content=content, headers={"Content-Type": "application/json"})
+                assert answer.status_code == 413, answer.text
+                detail = answer.json()
+                message = detail["error"]["message"] if "error" in detail else detail["detail"]
+                assert message.startswith("body: larger than the 1.00 MiB"), message
+        small = http.post("/generate/image", json={"prompt": "a fox", "steps": 1, "model": "tiny-sd-turbo"})
+        assert small.status_code == 200  # media routes take files: their limit follows --max-upload-size
+    assert bodylimit.body_limit("/generate/image", studio.upload_limit) > 3 * studio.upload_limit
+    assert bodylimit.body_limit("/generate/text", studio.upload_limit) == 2**20
