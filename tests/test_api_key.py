@@ -38,7 +38,7 @@ DOORS = [
                                                "messages": [{"role": "user", "content": "hi"}]}}, False),
     ("POST", "/gradio_api/call/generate_text", {"json": TEXT}, False),
     ("GET", "/gradio_api/call/generate_text/not-an-event", {}, False),
-    ("POST", "/gradio_api/run/generate_text", {"json": TEXT}, False),
+    ("POST", "/gradio_api/run/generate_text", {"json": TEXT}, True),  # the page runs unqueued events here
     ("POST", "/gradio_api/api/generate_text", {"json": TEXT}, False),
     ("POST", "/gradio_api/mcp/", {"json": {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}}, False),
     ("GET", "/gradio_api/mcp/schema", {}, False),

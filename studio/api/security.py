@@ -17,9 +17,10 @@ compared with `hmac.compare_digest` (constant time for equal lengths). `/health`
 prompts, outputs or secrets, only what runs and what is loaded, and load balancers and Spaces poll it.
 
 Gradio's own doors (`AccessMiddleware`, pure ASGI, in front of every route): with API keys set, its client API
-(`/gradio_api/call/*`, `/run/*`, `/api/*`) and MCP (`/gradio_api/mcp/*`) require the key like the studio's routes;
-the other requests that change something (`/gradio_api/queue/join`, `/upload`, `/cancel`, ...) take the key or the
-browser session cookie that loading the page (`GET /`) sets, so the UI keeps working for a person in a browser.
+(`/gradio_api/call/*`, `/api/*`) and MCP (`/gradio_api/mcp/*`) require the key like the studio's routes; the
+other requests that run or change something (`/gradio_api/queue/join`, `/run/*` (the page's unqueued events),
+`/upload`, `/cancel`, ...) take the key or the browser session cookie that loading the page (`GET /`) sets, so the
+UI keeps working for a person in a browser.
 The cookie proves a page load, not a person: `--auth` is what protects the UI (Gradio's login covers all of its
 routes). With `--auth`, the schema (`/openapi.json`, `/docs`, `/redoc`) needs the login too.
 """
@@ -41,7 +42,7 @@ from studio.runtime import Studio
 
 REALM = "GenAI Studio"
 UI_COOKIE = "studio-ui"
-KEY_ONLY = ("/gradio_api/call/", "/gradio_api/run/", "/gradio_api/api/", "/gradio_api/mcp")
+KEY_ONLY = ("/gradio_api/call/", "/gradio_api/api/", "/gradio_api/mcp")  # the page itself uses /run/ and /queue/
 SCHEMA = frozenset({"/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"})
 
 
