@@ -36,9 +36,9 @@ class Call:
     session: str | None = None
     cancel: threading.Event | None = None
     progress: Callable[[float, str], Any] | None = None
-    disconnected: bool = False  # the HTTP client went away (set with `cancel`): the log says "cancelled"
     # An HTTP request's id (the middleware's X-Request-ID); a UI generation gets its own.
     request_id: str = field(default_factory=lambda: REQUEST_ID.get() or os.urandom(16).hex())
+    disconnected: bool = False  # the HTTP client went away (set with `cancel`): the log says "cancelled"
 
     @property
     def endpoint(self) -> str:
