@@ -13,7 +13,7 @@ What it prints (and writes to bench/results/load.json):
   line through samples taken every 2 s after the warm-up (the first `--warmup` seconds, or a fifth of the run).
   The clients run in the same process, so the RSS is the studio's plus a little for 16 HTTP clients.
 
-    nice python bench/load.py [--seconds 180] [--clients 16]
+    nice python bench/load.py [--seconds 180] [--clients 16] [--warmup S] [--out load.json]
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--budget", default="20MB")
     parser.add_argument("--warmup", type=float, default=None, help="seconds before RSS sampling counts")
+    parser.add_argument("--out", default="load.json", help="file name under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="studio-load-"))
@@ -147,7 +148,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads 1",
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).resolve().parent / "results" / "load.json"
+    out = Path(__file__).resolve().parent / "results" / args.out
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -262,6 +262,9 @@ def _multipart(fields: dict[str, str], name: str, data: bytes) -> tuple[bytes, s
 
 
 GONE = [  # path, JSON body (or a multipart one), the model it pins
+    ("/generate/text", {"prompt": "hi", "model": "tiny-llama", "max_new_tokens": 64}, "tiny-llama"),
+    ("/generate/text", {"prompt": "hi", "model": "tiny-llama", "max_new_tokens": 64, "stream": True}, "tiny-llama"),
+    ("/v1/chat/completions", {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}, "tiny-llama"),
     ("/generate/image", {"prompt": "a fox", "model": "tiny-sd-turbo", "steps": 2}, "tiny-sd-turbo"),
     ("/v1/images/generations", {"prompt": "a fox", "model": "tiny-sd-turbo", "size": "64x64"}, "tiny-sd-turbo"),
     ("/generate/speech", {"text": "Hello there. And again.", "model": "tiny-vits"}, "tiny-vits"),
@@ -282,7 +285,8 @@ def gone_server(tmp_path_factory):
         yield studio, url
 
 
-@pytest.mark.parametrize("path, body, model", GONE, ids=[path for path, _, _ in GONE])
+@pytest.mark.parametrize("path, body, model", GONE,
+                         ids=[path + (" stream" if body and body.get("stream") else "") for path, body, _ in GONE])
 def test_a_client_that_disconnects_cancels_its_generation(gone_server, monkeypatch, path, body, model):
     """A Bark request abandoned after 3 s ran on for 14 s, logged "ok", and the next request queued behind it.
     Here the generation is held (model loaded and pinned) until the client has gone; the connection's watcher must
