@@ -434,6 +434,35 @@ class ModelCache:
                 return victims
         return None
 
+    @contextmanager
+    def working_memory(self, model_id: str, nbytes: int) -> Iterator[None]:
+        """Hold `nbytes` of the budget beside a pinned model while it computes (a generation's activations on a
+        GPU), evicting idle models for them; waits up to the load timeout for room, and refuses at once a
+        generation that could never fit (ModelTooLarge: the model and its working memory exceed the budget)."""
+        if nbytes <= 0:
+            yield
+            return
+        with self._cond:
+            entry = self._entries.get(model_id)
+            if entry is None or not entry.pins:
+                raise ValueError(f"{model_id} is not in use; only a pinned model computes")
+            if entry.bytes + entry.workspace + nbytes > self.budget:
+                raise ModelTooLarge(
+                    f"{model_id}: this generation needs about {format_size(nbytes)} of working memory beside the "
+                    f"model's {format_size(entry.bytes)}, more than the {format_size(self.budget)} budget; make "
+                    "it smaller (size, images, frames) or raise --memory-budget")
+        deadline = time.monotonic() + self.load_timeout
+        while not self._reserve(entry, nbytes):
+            with self._cond:
+                if time.monotonic() >= deadline:
+                    raise CacheBusy(f"{model_id}: no room for this generation's working memory within "
+                                    f"{self.load_timeout:.0f} s. Try again when the other requests finish.")
+                self._cond.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+        try:
+            yield
+        finally:
+            self._unreserve(entry, nbytes)
+
     def _reserve(self, entry: Entry, nbytes: int) -> bool:
         """Reserve workspace for a resident model (a sequence's KV cache), evicting idle models, least recently
         used first, if that makes room; False when it cannot fit now (the caller waits and asks again)."""

@@ -4,6 +4,7 @@ that the UI and the HTTP API share. Every generation, from either side, goes thr
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ class Call:
     progress: Callable[[float, str], Any] | None = None
     # An HTTP request's id (the middleware's X-Request-ID); a UI generation gets its own.
     request_id: str = field(default_factory=lambda: REQUEST_ID.get() or os.urandom(16).hex())
+    disconnected: bool = False  # the HTTP client went away (set with `cancel`): the log says "cancelled"
 
     @property
     def endpoint(self) -> str:
@@ -134,7 +136,11 @@ class Studio:
                 rec.set(queue_ms=round((time.monotonic() - queued) * 1000, 1))
                 with self.cache.use(spec.id, run_on=devices.call_device()) as lease:
                     rec.set(cache="hit" if lease.hit else "load", load_ms=round(lease.load_seconds * 1000, 1))
-                    yield lease, rec
+                    try:
+                        yield lease, rec
+                    finally:
+                        if call.disconnected:
+                            rec.set(cancelled=True)
 
 
 def create_studio(settings: Settings) -> Studio:
@@ -157,8 +163,13 @@ def create_studio(settings: Settings) -> Studio:
     if unknown:
         known = ", ".join(spec.id for spec in choice.registry)
         raise ConfigError(f"--preload: unknown model {unknown[0]!r} in the {choice.registry.name} profile; known: {known}")
-    log = RequestLog(settings.log_dir, log_prompts=settings.log_prompts, device=device,
-                     finished_day=logreader.compile_day)
+    try:
+        log = RequestLog(settings.log_dir, log_prompts=settings.log_prompts, device=device,
+                         finished_day=logreader.compile_day)
+        tempfile.TemporaryFile(dir=settings.log_dir).close()  # writable, not only there
+    except OSError as exc:
+        raise ConfigError(f"--log-dir: cannot write the request logs to {settings.log_dir}: "
+                          f"{exc.strerror or exc}") from None
     cache.add_listener(log.cache_event)
     studio = Studio(settings, choice.registry, cache, log, choice.notice, manager=manager)
     studio.metrics.watch(cache, log)

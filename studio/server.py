@@ -17,7 +17,9 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from studio.api import build_router
+from studio.api.bodylimit import BodyLimitMiddleware
 from studio.api.errors import ERROR_HANDLERS
+from studio.api.security import AccessMiddleware
 from studio.runtime import Studio, describe, preload_ids
 from studio.telemetry.middleware import RequestIdMiddleware
 from studio.ui import build_ui
@@ -61,7 +63,9 @@ def app_kwargs(studio: Studio) -> dict:
         "routes": build_router(studio).routes,
         "exception_handlers": ERROR_HANDLERS,
         "lifespan": _lifespan(studio),
-        "middleware": [Middleware(RequestIdMiddleware, metrics=studio.metrics)],
+        "middleware": [Middleware(RequestIdMiddleware, metrics=studio.metrics),
+                       Middleware(AccessMiddleware, keys=studio.settings.api_keys, users=dict(studio.settings.auth)),
+                       Middleware(BodyLimitMiddleware, upload_limit=studio.upload_limit)],
     }
 
 
@@ -87,6 +91,16 @@ def _open_share_link(demo: gr.Blocks, local_url: str) -> str | None:
     demo.share = True  # read per request by Gradio (share page, robots.txt)
     print(f"* Running on public URL: {demo.share_url}", flush=True)
     return demo.share_url
+
+
+def _mcp_loopback_with_key(demo: gr.Blocks, local_url: str, key: str) -> None:
+    """Gradio's MCP server runs queued tools through a gradio_client of its own on the local URL; with API keys
+    that loopback must carry one too. Made here, once the server answers, with the arguments Gradio uses."""
+    from gradio_client import Client
+
+    demo.mcp_server_obj._client_instance = Client(
+        local_url, download_files=False, verbose=False, analytics_enabled=False, ssl_verify=False,
+        _skip_components=False, headers={"x-gradio-user": "mcp", "Authorization": f"Bearer {key}"})
 
 
 def launch(studio: Studio, *, block: bool = True) -> tuple[gr.Blocks, str]:
@@ -116,6 +130,8 @@ def launch(studio: Studio, *, block: bool = True) -> tuple[gr.Blocks, str]:
     print(f"* Running on local URL:  {local_url}", flush=True)
     if demo.mcp_error:
         print(demo.mcp_error, flush=True)
+    elif settings.mcp and settings.api_keys:
+        _mcp_loopback_with_key(demo, local_url, settings.api_keys[0])
     if settings.share:
         _open_share_link(demo, local_url)
     if block:

@@ -26,13 +26,15 @@ forked worker process that receives its arguments pickled. So:
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import Callable, MutableMapping, TypeVar
+from typing import Callable, Iterable, MutableMapping, TypeVar
 
 from studio.config import SPACES_DATA
+from studio.hub import ignore_patterns
 
 F = TypeVar("F", bound=Callable)
 
@@ -85,3 +87,35 @@ def reserve(work: float) -> int:
     """Seconds to reserve for a call that does `work` seconds of GPU work (each modality estimates its own:
     `Modality.gpu_seconds`): the fixed cost of a call on top, capped at what ZeroGPU grants."""
     return int(min(MAX_GPU_SECONDS, math.ceil(BASE_SECONDS + max(work, 0.0))))
+
+
+# Files of a repository no loader opens: its card, licence, samples and the original code's configs.
+NOT_LOADED = ["*.md", ".gitattributes", "LICENSE*", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp4", "*.yaml"]
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    """A Hub glob pattern: "folder/" is the whole folder."""
+    return any(path.startswith(p) if p.endswith("/") else fnmatch.fnmatch(path, p) for p in patterns)
+
+
+def preload_entries(specs: Iterable, listing: Callable[[str, str], list[str]]) -> list[str]:
+    """README's `preload_from_hub`: "repo file1,file2,..." for each repository the models load from, naming exactly
+    the files their loaders read (as a download does: `studio.hub.ignore_patterns` and each source's `skip`), so a
+    Space build fetches no other format's copy, no fp16 or EMA twin and no root single-file checkpoint.
+
+    `listing(repo, revision)` gives a repository's files (`studio.hub.list_files` asks the Hub; tests pass a fake)."""
+    files: dict[str, set[str]] = {}
+    for spec in specs:
+        for source in spec.sources().values():
+            tree = listing(source.repo, source.revision)
+            ignore = [*ignore_patterns(tree), *source.skip, *NOT_LOADED]
+            files.setdefault(source.repo, set()).update(f for f in tree if not _matches(f, ignore))
+    return [f"{repo} {','.join(sorted(names))}" for repo, names in files.items()]
+
+
+if __name__ == "__main__":  # python -m studio.spaces: the preload_from_hub lines for README (asks the Hub)
+    from studio.catalog import DEFAULT_MODELS
+    from studio.hub import list_files
+
+    for entry in preload_entries(DEFAULT_MODELS, lambda repo, rev: [f.path for f in list_files(repo, rev)[1]]):
+        print(f"  - {entry}")

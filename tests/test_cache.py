@@ -311,3 +311,26 @@ def test_swap_does_not_free_a_kept_model_and_last_use_outlives_eviction():
     assert resident(cache) == ["a"]
     used = cache.last_used()
     assert set(used) == {"a", "b"} and used["b"] >= used["a"] > time.time() - 60
+
+
+def test_working_memory_is_admitted_from_the_budget():
+    """On a GPU a generation's activations count: idle models are evicted for them, and a generation whose model
+    and working memory exceed the budget is refused before it runs (issue 20.6)."""
+    from studio.cache import ModelTooLarge
+    from studio.devices import working_memory
+
+    cache, _ = make_cache(100)
+    with cache.use("b"):
+        pass  # idle, 30 MB
+    with cache.use("a"):  # 40 MB, pinned
+        with cache.working_memory("a", 35 * MB):  # 40 + 30 + 35 > 100 MB: b is evicted for it
+            assert [m.id for m in cache.snapshot().models] == ["a"] and cache.snapshot().used_bytes == 75 * MB
+        assert cache.snapshot().used_bytes == 40 * MB
+        with pytest.raises(ModelTooLarge, match="working memory"):
+            with cache.working_memory("a", 61 * MB):
+                pass
+        with cache.working_memory("a", 0):  # a CPU generation: nothing counted
+            pass
+    assert working_memory("cpu", 512 * 512, "float16") == 0
+    assert working_memory("cuda", 512 * 512, "float16") == 2**30  # SD 1.5 at 512x512: about 1 GiB
+    assert working_memory("cuda", 512 * 512, "float32") == 2 * 2**30

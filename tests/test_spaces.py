@@ -324,3 +324,38 @@ def test_a_gpu_call_keeps_its_device_in_every_step_of_a_stream():
     assert seen == ["cuda"] * 3
     assert devices.run_on("cuda", devices.call_device)() == "cuda"
     assert devices.call_device() is None  # the caller's context is untouched
+
+
+def test_preload_lists_only_the_files_the_loaders_read():
+    """`preload_from_hub` named whole repositories: SD 1.5's holds multi-GB root checkpoints (.ckpt and
+    .safetensors, full and EMA-only) beside the diffusers folders, tens of GB a Space build fetched for nothing."""
+    from studio.registry import ModelSpec, Source
+    from studio.spaces import preload_entries
+
+    trees = {
+        "sd/v1-5": ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt",
+                    "README.md", ".gitattributes", "v1-inference.yaml", "scheduler/scheduler_config.json",
+                    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                    "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
+                    "unet/diffusion_pytorch_model.non_ema.safetensors", "safety_checker/config.json",
+                    "safety_checker/model.safetensors", "tokenizer/vocab.json", "vae/flax_model.msgpack"],
+        "guoyww/motion": ["config.json", "diffusion_pytorch_model.safetensors",
+                          "diffusion_pytorch_model.fp16.safetensors", "README.md"],
+        "org/llm": ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "tf_model.h5"],
+    }
+    specs = [
+        ModelSpec(id="sd", modality="image", label="", loader="x:y", params=1, repo="sd/v1-5"),
+        ModelSpec(id="ad", modality="video", label="", loader="x:y", params=1, repo="sd/v1-5",
+                  skip=("safety_checker/",), parts={"motion_adapter": Source("guoyww/motion", skip=("*.fp16.*",))}),
+        ModelSpec(id="llm", modality="chat", label="", loader="x:y", params=1, repo="org/llm"),
+    ]
+    asked = []
+    entries = preload_entries(specs, lambda repo, rev: asked.append((repo, rev)) or trees[repo])
+    by_repo = {entry.split()[0]: set(entry.split()[1].split(",")) for entry in entries}
+    assert by_repo["sd/v1-5"] == {"model_index.json", "scheduler/scheduler_config.json",
+                                  "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                  "safety_checker/config.json", "safety_checker/model.safetensors",
+                                  "tokenizer/vocab.json"}  # the image model reads the safety checker's folder
+    assert by_repo["guoyww/motion"] == {"config.json", "diffusion_pytorch_model.safetensors"}
+    assert by_repo["org/llm"] == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert ("sd/v1-5", "main") in asked and [e.split()[0] for e in entries] == ["sd/v1-5", "guoyww/motion", "org/llm"]

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
+from studio.api.disconnect import watched
 from studio.api.errors import ERROR_RESPONSES, public
 from studio.api.openai import Usage, failure, only, openai_router, renamed
 from studio.api.security import guard
@@ -208,9 +209,8 @@ def router(studio: Studio) -> APIRouter:
     @api.post("/generate/text", response_model=TextResponse,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "JSON, or Server-Sent Events with `stream: true`"}})
-    async def generate_text(body: TextBody):
+    async def generate_text(body: TextBody, call: Call = watched("rest", "/generate/text")):
         """Chat with a language model: the reply as JSON, or streamed token by token."""
-        call = Call("rest", "/generate/text")
         with renamed({"messages[0].content": "prompt"} if body.prompt is not None else {}):
             if not body.stream:
                 result = await run_in_threadpool(complete_chat, studio, body.request(), call)
@@ -223,7 +223,7 @@ def router(studio: Studio) -> APIRouter:
                 return [frame({**_response(event, "").model_dump(), "done": True})]
             return [frame({"text": event.text, "done": False})]
 
-        return StreamingResponse(relay(events, first, frames, lambda e: e.done, _rest_failure),
+        return StreamingResponse(relay(events, first, frames, lambda e: e.done, _rest_failure, call),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
 
     v1 = openai_router(studio)
@@ -231,9 +231,8 @@ def router(studio: Studio) -> APIRouter:
     @v1.post("/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "JSON, or Server-Sent Events with `stream: true`"}})
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, call: Call = watched("openai", "/v1/chat/completions")):
         """Chat completions, streamed or not. Extensions: top_k, repetition_penalty; the seed used is returned."""
-        call = Call("openai", "/v1/chat/completions")
         with renamed(OPENAI_NAMES):
             req = body.request()
             if not body.stream:
@@ -249,7 +248,7 @@ def router(studio: Studio) -> APIRouter:
 
         async def stream():
             yield chunks.chunk({"role": "assistant", "content": ""})
-            async for text in relay(events, first, chunks.frames, lambda e: e.done, failure):
+            async for text in relay(events, first, chunks.frames, lambda e: e.done, failure, call):
                 yield text
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

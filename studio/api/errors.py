@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from studio.api.disconnect import ClientGone, client_gone
 from studio.backends.remote import ProviderError
 from studio.cache import CacheBusy, CacheError, ModelTooLarge
 from studio.contract import InputError, UnknownModelError
@@ -137,4 +138,5 @@ async def _unavailable(request: Request, exc: CacheError) -> JSONResponse:
     return _answer(status_of(exc), str(exc))
 
 
-ERROR_HANDLERS = {RequestValidationError: _invalid_request, InputError: _input_error, CacheError: _unavailable}
+ERROR_HANDLERS = {RequestValidationError: _invalid_request, InputError: _input_error, CacheError: _unavailable,
+                  ClientGone: client_gone}

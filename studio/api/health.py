@@ -13,7 +13,8 @@ from studio.runtime import Studio
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # "ok", or "degraded" while the request log cannot be written
+    log_write_errors: int  # log rows the disk refused since the start
     profile: str
     notice: str | None  # why the studio fell back to the tiny profile
     cache: CacheSnapshot
@@ -24,7 +25,8 @@ def router(studio: Studio) -> APIRouter:
 
     @api.get("/health")
     def health() -> Health:
-        return Health(status="ok", profile=studio.registry.name, notice=studio.notice,
+        return Health(status="degraded" if studio.log.failing else "ok", log_write_errors=studio.log.write_errors,
+                      profile=studio.registry.name, notice=studio.notice,
                       cache=asdict(studio.cache.snapshot()))
 
     return api

@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from studio.api.disconnect import watched
 from studio.api.errors import ERROR_RESPONSES
 from studio.api.openai import dimensions, openai_router, renamed
 from studio.api.security import guard
@@ -199,10 +200,10 @@ def transparent_area(data: bytes) -> Image.Image | None:
     return mask if mask.getbbox() else None
 
 
-def _openai_images(studio: Studio, body: ImageGenerationRequest, req: ImageRequest, entry: str) -> ImagesResponse:
+def _openai_images(studio: Studio, body: ImageGenerationRequest, req: ImageRequest, call: Call) -> ImagesResponse:
     try:
         with renamed({"guidance": "guidance_scale"}):
-            result = generate_images(studio, req, Call("openai", entry))
+            result = generate_images(studio, req, call)
     except InputError as exc:
         if exc.field in ("width", "height"):
             raise _size_error(studio, body) from None
@@ -231,7 +232,7 @@ def router(studio: Studio) -> APIRouter:
         "description": "The image (PNG) or, with response_format b64_json, JSON",
         "content": {"image/png": {}, "application/json": {"schema": ImageResponse.model_json_schema()}},
         "headers": {"X-Seed": {"description": "the first image's seed; image i used seed + i"}}}})
-    def generate_image(body: ImageBody = Depends(image_body)) -> Response:
+    def generate_image(body: ImageBody = Depends(image_body), call: Call = watched("rest", "/generate/image")) -> Response:
         """Generate or edit images with a diffusion model and optional LoRA adapters."""
         if body.response_format == "png" and body.n != 1:
             raise InputError("n", "a PNG response holds one image; use response_format b64_json for more")
@@ -239,7 +240,7 @@ def router(studio: Studio) -> APIRouter:
         for name in ("image", "mask"):
             if fields[name] is not None:
                 fields[name] = decode_image(name, fields[name])
-        result = generate_images(studio, ImageRequest(**fields), Call("rest", "/generate/image"))
+        result = generate_images(studio, ImageRequest(**fields), call)
         headers = {"X-Seed": str(result.seed)}
         if body.response_format == "png":
             return Response(png_bytes(result.images[0], result.image_settings(0)), media_type="image/png",
@@ -279,17 +280,19 @@ def router(studio: Studio) -> APIRouter:
     v1 = openai_router(studio)
 
     @v1.post("/images/generations")
-    def image_generations(body: ImageGenerationRequest) -> ImagesResponse:
+    def image_generations(body: ImageGenerationRequest,
+                          call: Call = watched("openai", "/v1/images/generations")) -> ImagesResponse:
         """Text to image; `b64_json` PNGs. Extensions: negative_prompt, steps, guidance_scale, sampler, seed,
         adapters."""
         width, height = dimensions(body.size)
         req = ImageRequest(prompt=body.prompt, negative_prompt=body.negative_prompt, model=body.model,
                            steps=body.steps, guidance=body.guidance_scale, width=width, height=height, seed=body.seed,
                            n=body.n, adapters=body.adapters, sampler=body.sampler)
-        return _openai_images(studio, body, req, "/v1/images/generations")
+        return _openai_images(studio, body, req, call)
 
     @v1.post("/images/edits", openapi_extra=body_doc(ImageEditRequest))
-    def image_edits(body: ImageEditRequest = Depends(edit_body)) -> ImagesResponse:
+    def image_edits(body: ImageEditRequest = Depends(edit_body),
+                    call: Call = watched("openai", "/v1/images/edits")) -> ImagesResponse:
         """Edit an image, as OpenAI's API: the mask's transparent pixels (or, without a mask, the image's own) are
         inpainted; an image without transparency and no mask is redrawn whole at `strength` (img2img). `b64_json`
         PNGs. Extensions as for generations, plus strength and mask_blur."""
@@ -300,7 +303,7 @@ def router(studio: Studio) -> APIRouter:
                            strength=body.strength, mask_blur=body.mask_blur, sampler=body.sampler, steps=body.steps,
                            guidance=body.guidance_scale, width=width, height=height, seed=body.seed, n=body.n,
                            adapters=body.adapters)
-        return _openai_images(studio, body, req, "/v1/images/edits")
+        return _openai_images(studio, body, req, call)
 
     api.include_router(v1)
     return api

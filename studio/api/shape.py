@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
+from studio.api.disconnect import watched
 from studio.api.errors import ERROR_RESPONSES
 from studio.api.security import guard
 from studio.api.uploads import body_doc, decode_image, form_or_json, parsed
@@ -44,12 +45,12 @@ def router(studio: Studio) -> APIRouter:
         "description": "the full mesh with vertex colours, y-up",
         "headers": {"X-Seed": {"description": "the seed used"}, "X-Faces": {"description": "faces of the mesh"},
                     "X-Steps": {"description": "denoising steps done"}}}})
-    def generate_3d(body: ShapeBody = Depends(shape_body)) -> Response:
+    def generate_3d(body: ShapeBody = Depends(shape_body), call: Call = watched("rest", "/generate/3d")) -> Response:
         """Make a mesh from the prompt, or from the image with an image-to-3D model."""
         image = decode_image("image", body.image) if body.image is not None else None
         req = ShapeRequest(prompt=body.prompt, model=body.model, guidance=body.guidance, steps=body.steps,
                            seed=body.seed, turntable=False, image=image)
-        result = generate_shape(studio, req, Call("rest", "/generate/3d"))
+        result = generate_shape(studio, req, call)
         headers = {"X-Seed": str(result.seed), "X-Faces": str(len(result.mesh.faces)), "X-Steps": str(result.steps),
                    "Content-Disposition": f'attachment; filename="shape-{result.seed}.{body.format}"'}
         return Response(export_mesh(result.mesh, body.format), media_type=MEDIA_TYPES[body.format], headers=headers)

@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from studio.api.disconnect import watched
 from studio.api.errors import ERROR_RESPONSES
 from studio.api.openai import only, openai_router, renamed
 from studio.api.security import guard
@@ -48,10 +49,10 @@ def router(studio: Studio) -> APIRouter:
         "X-RTF": {"description": "real-time factor: compute seconds per second of audio"},
         "X-Pieces": {"description": "sentences spoken"},
         "X-Seed": {"description": "the seed used (models that sample)"}}}})
-    def generate_speech(body: SpeechBody) -> Response:
+    def generate_speech(body: SpeechBody, call: Call = watched("rest", "/generate/speech")) -> Response:
         """Speak the text."""
         req = SpeechRequest(text=body.text, model=body.model, voice=body.voice, seed=body.seed)
-        result = synthesize(studio, req, Call("rest", "/generate/speech"))
+        result = synthesize(studio, req, call)
         headers = {"X-Audio-Seconds": f"{result.seconds:.3f}", "X-RTF": f"{result.rtf:.3f}",
                    "X-Pieces": str(result.pieces)}
         if result.seed is not None:
@@ -61,14 +62,14 @@ def router(studio: Studio) -> APIRouter:
     v1 = openai_router(studio)
 
     @v1.post("/audio/speech", response_class=Response, responses={200: WAV})
-    def audio_speech(body: SpeechGenerationRequest) -> Response:
+    def audio_speech(body: SpeechGenerationRequest, call: Call = watched("openai", "/v1/audio/speech")) -> Response:
         """Text to speech, answered as a WAV file."""
         only(body, speed=1.0)
         single_voice = SpeechOptions.of(studio.model(body.model, "text-to-speech")).voices == ()
         voice = None if single_voice else body.voice  # OpenAI clients always send one
         with renamed({"text": "input"}):
             result = synthesize(studio, SpeechRequest(text=body.input, model=body.model, voice=voice, seed=body.seed),
-                                Call("openai", "/v1/audio/speech"))
+                                call)
         return Response(wav_bytes(result), media_type="audio/wav")
 
     api.include_router(v1)

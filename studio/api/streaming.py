@@ -14,6 +14,8 @@ from typing import AsyncIterator, Callable, Iterable, Iterator, TypeVar
 import anyio
 from starlette.concurrency import run_in_threadpool
 
+from studio.runtime import Call
+
 T = TypeVar("T")
 DONE = "data: [DONE]\n\n"
 
@@ -29,11 +31,12 @@ async def first_event(events: Iterator[T]) -> T:
 
 
 async def relay(events: Iterator[T], first: T, frames: Callable[[T], Iterable[str]], is_last: Callable[[T], bool],
-                failure: Callable[[Exception], dict]) -> AsyncIterator[str]:
+                failure: Callable[[Exception], dict], call: Call) -> AsyncIterator[str]:
     """Frames for `first` and every later event up to the last one, then `[DONE]`.
 
     A failure after the headers went out can no longer change the status: it is sent as one frame of
-    `failure(exc)`, and the stream ends."""
+    `failure(exc)`, and the stream ends. A client that goes away cancels the relay: its call is marked
+    disconnected, so the request log says "cancelled"."""
     event = first
     try:
         while True:
@@ -45,6 +48,9 @@ async def relay(events: Iterator[T], first: T, frames: Callable[[T], Iterable[st
         yield DONE
     except Exception as exc:
         yield frame(failure(exc))
+    except (anyio.get_cancelled_exc_class(), GeneratorExit):
+        call.disconnected = True
+        raise
     finally:  # also on disconnect: closing the stream stops the model and writes the request's log row
         with anyio.CancelScope(shield=True):
             await run_in_threadpool(events.close)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 
+from studio.api.disconnect import watched
 from studio.api.errors import ERROR_RESPONSES
 from studio.api.openai import openai_router
 from studio.api.security import guard
@@ -80,11 +81,12 @@ def router(studio: Studio) -> APIRouter:
                                                                        "first one"),
                             language: str | None = LANGUAGE, prompt: str | None = PROMPT,
                             temperature: float | None = TEMPERATURE,
-                            response_format: Literal["json", "text", "srt", "vtt"] = Form("json")) -> Response:
+                            response_format: Literal["json", "text", "srt", "vtt"] = Form("json"),
+                            call: Call = watched("rest", "/generate/transcript")) -> Response:
         """Transcribe a recording: JSON with the text and timed segments, or the text, SubRip or WebVTT."""
         req = TranscriptionRequest(audio=_audio(studio, file), filename=file.filename, model=model,
                                    language=language, prompt=prompt, temperature=temperature)
-        result = transcribe(studio, req, Call("rest", "/generate/transcript"))
+        result = transcribe(studio, req, call)
         transcript = result.transcript
         if response_format == "json":
             segments = [Segment(start=round(s.start, 3), end=round(s.end, 3), text=s.text)
@@ -106,7 +108,8 @@ def router(studio: Studio) -> APIRouter:
                              language: str | None = LANGUAGE, prompt: str | None = PROMPT,
                              response_format: Format = Form("json"), temperature: float | None = TEMPERATURE,
                              timestamp_granularities: list[str] = Form([], alias="timestamp_granularities[]"),
-                             stream: bool = Form(False)) -> Response:
+                             stream: bool = Form(False),
+                             call: Call = watched("openai", "/v1/audio/transcriptions")) -> Response:
         """Transcribe an audio file, as OpenAI's API does (segment timestamps; no streaming)."""
         if stream:
             raise InputError("stream", "only false is supported by this server")
@@ -114,7 +117,7 @@ def router(studio: Studio) -> APIRouter:
             raise InputError("timestamp_granularities", "only segment timestamps are supported by this server")
         req = TranscriptionRequest(audio=_audio(studio, file), filename=file.filename, model=model,
                                    language=language, prompt=prompt, temperature=temperature)
-        return _answer(transcribe(studio, req, Call("openai", "/v1/audio/transcriptions")), response_format)
+        return _answer(transcribe(studio, req, call), response_format)
 
     api.include_router(v1)
     return api

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from studio.api.disconnect import watched
 from studio.api.errors import ERROR_RESPONSES
 from studio.api.openai import dimensions, openai_router, renamed
 from studio.api.security import guard
@@ -213,10 +214,10 @@ def router(studio: Studio) -> APIRouter:
         "headers": {"X-Seed": {"description": "the seed used"}, "X-Frames": {"description": "frames in the clip"},
                     "X-Fps": {"description": "frames per second"},
                     "X-Video-Seconds": {"description": "the clip's length"}}}})
-    def generate_video_route(body: VideoBody) -> Response:
+    def generate_video_route(body: VideoBody, call: Call = watched("rest", "/generate/video")) -> Response:
         """Make a video clip from the prompt (AnimateDiff with optional LoRA adapters, or Wan 2.1)."""
         req = VideoRequest(**body.model_dump(exclude={"format"}), formats=(body.format,))
-        result = generate_video(studio, req, Call("rest", "/generate/video"))
+        result = generate_video(studio, req, call)
         settings = result.settings
         headers = {"X-Seed": str(result.seed), "X-Frames": str(settings["frames"]), "X-Fps": f"{settings['fps']:g}",
                    "X-Video-Seconds": f"{settings['frames'] / settings['fps']:g}",

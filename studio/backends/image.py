@@ -29,6 +29,7 @@ from typing import Any, Mapping, Protocol
 import openai
 from PIL import Image
 
+from studio import devices
 from studio.backends.image_families import FAMILIES, MODES
 from studio.backends.image_inputs import (MAX_MASK_BLUR, MIN_SIZE, SIZE_STEP, check_mask, fit, mask_of, open_image,
                                           rgb, scaled)
@@ -296,7 +297,9 @@ def generate_images(studio: Studio, req: ImageRequest, call: Call) -> ImageResul
     plan = validate(studio, req)
     plan = replace(plan, seed=pick_seed(plan.seed))
     spec = studio.registry.get(plan.model)
-    with studio.generation(spec, call) as (lease, rec):
+    pixels = (plan.width or 0) * (plan.height or 0) * plan.n
+    working = devices.working_memory(studio.device, pixels, spec.dtype(studio.device)) if not spec.external else 0
+    with studio.generation(spec, call) as (lease, rec), studio.cache.working_memory(spec.id, working):
         rec.set(prompt=plan.prompt, seed=plan.seed, steps=plan.steps, adapters=plan.settings()["adapters"])
         model: ImageBackend = lease.model
         images = model.draw(plan, call, rec.first_output, lambda nbytes: studio.cache.grow(spec.id, nbytes))

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from studio import devices
 from studio.backends.image import MAX_GUIDANCE, MAX_PROMPT_CHARS
 from studio.backends.lora import LoraInfo, PipelineLoras, chosen, parse_prompt
 from studio.contract import ModelOptions, check_range, check_seed, check_text, pick_seed, require
@@ -178,7 +179,8 @@ def generate_video(studio: Studio, req: VideoRequest, call: Call) -> VideoResult
     plan = validate(studio, req)
     plan = replace(plan, seed=pick_seed(plan.seed))
     spec = studio.registry.get(plan.model)
-    with studio.generation(spec, call) as (lease, rec):
+    working = devices.working_memory(studio.device, plan.width * plan.height * plan.frames, spec.dtype(studio.device))
+    with studio.generation(spec, call) as (lease, rec), studio.cache.working_memory(spec.id, working):
         rec.set(prompt=plan.prompt, seed=plan.seed, steps=plan.steps, adapters=plan.settings()["adapters"],
                 fps=plan.fps)
 

@@ -157,7 +157,7 @@ def totals(df: pd.DataFrame, events: pd.DataFrame) -> dict[str, float | int | No
         "requests": n,
         "ok": int(ok.sum()),
         "errors": errors,
-        "stopped": int((df["status"] == "stopped").sum()),
+        "stopped": int(df["status"].isin(["stopped", "cancelled"]).sum()),  # ended early: Stop, or a client gone
         "error_rate": errors / n if n else None,
         "models": int(df["model"].nunique()),
         "p50_ms": float(latency.quantile(0.5)) if len(latency.dropna()) else None,

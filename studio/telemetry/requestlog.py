@@ -205,7 +205,8 @@ class _PeakMemory:
 class Recorder:
     """Collects one generation's fields while it runs; the request log writes them as a row at the end.
 
-    `set(stopped=True)` logs the generation as stopped; a streaming backend sets `stopped=False` when it reaches
+    `set(stopped=True)` logs the generation as stopped, `set(cancelled=True)` as cancelled (its client went
+    away); a streaming backend sets `stopped=False` when it reaches
     its end, so a consumer that closes the stream after the final event is not mistaken for a stop."""
 
     def __init__(self, request_id: str | None = None, **fields: Any):
@@ -243,7 +244,8 @@ class RequestLog:
         self._cache = JsonlWriter(self.folder, "cache", fsync_interval=fsync_interval, finished_day=finished_day)
         self._memory = _PeakMemory(device)
         self._listeners: list[Callable[[dict], None]] = []
-        self.write_errors = 0
+        self.write_errors = 0  # rows the disk refused since the start
+        self.failing = False  # the last request row could not be written (/health says "degraded")
 
     def add_listener(self, callback: Callable[[dict], None]) -> None:
         """Called with every row after it is written (metrics feed on them)."""
@@ -277,8 +279,10 @@ class RequestLog:
         row["ts"] = utc_stamp(when)
         try:
             self._requests.write(row)
+            self.failing = False
         except OSError as exc:
             self.write_errors += 1
+            self.failing = True
             logger.error("request log: could not write to %s: %s", self.folder, exc)
         for callback in self._listeners:
             try:
@@ -305,6 +309,8 @@ class RequestLog:
         finally:
             if rec.fields.pop("stopped", False) and status == "ok":
                 status = "stopped"
+            if rec.fields.pop("cancelled", False) and status in ("ok", "stopped"):
+                status = "cancelled"  # the client went away: ended like a Stop, and nobody got the answer
             self.write({
                 **rec.fields,
                 "ts": rec.ts,
@@ -325,6 +331,7 @@ class RequestLog:
             self._cache.write(row)
         except OSError as exc:
             self.write_errors += 1
+            self.failing = True
             logger.error("cache log: could not write to %s: %s", self.folder, exc)
 
     def close(self) -> None:

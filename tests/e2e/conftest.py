@@ -24,6 +24,7 @@ TIMEOUT_MS = 60_000  # for actions and expectations: a 2-core machine shared wit
 LORA_MODEL = "tiny-sd-turbo"  # the Image tab's default model, so the test need not switch models
 LORA_NAME = "e2e-style"
 LOGIN = ("e2e", "not-a-real-password")
+API_KEY = "e2e-api-key"  # key_server requires it on every programmatic door: the UI must not notice
 
 
 @dataclass
@@ -87,6 +88,13 @@ def server(tmp_path_factory) -> Iterator[Served]:
     loras = tmp_path_factory.mktemp("e2e-loras")
     build_lora(loras)
     with serve("--log-dir", str(tmp_path_factory.mktemp("e2e-logs")), "--lora-dir", str(loras)) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def key_server(tmp_path_factory) -> Iterator[Served]:
+    """A studio with --api-key: programs need the key, the page in a browser does not."""
+    with serve("--log-dir", str(tmp_path_factory.mktemp("e2e-key-logs")), "--api-key", API_KEY) as served:
         yield served
 
 

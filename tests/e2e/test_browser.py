@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from e2e.conftest import CHROMIUM, LOGIN, LORA_NAME
+from e2e.conftest import API_KEY, CHROMIUM, LOGIN, LORA_NAME
 
 if not CHROMIUM.exists():
     pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
@@ -296,13 +296,31 @@ def test_login_when_auth_is_on(auth_server, page):
     assert last_row(auth_server, "chat")["status"] == "ok"
 
 
-def test_the_page_contacts_only_the_studio(server, auth_server, page, requested_urls):
+def test_the_ui_generates_with_an_api_key_set(key_server, page):
+    """The key guards Gradio's queue, runs and uploads against programs; the page's own session cookie lets the UI
+    in: a chat reply and an image."""
+    import httpx
+
+    assert key_server.studio.settings.api_keys == (API_KEY,)
+    anonymous = httpx.post(key_server.url + "/gradio_api/queue/join", json={"data": [], "fn_index": 0,
+                                                                            "session_hash": "x"})
+    assert anonymous.status_code == 401
+    send_chat(open_studio(page, key_server.url, "Chat"), "with a key set")
+    assert last_row(key_server, "chat")["status"] == "ok"
+    panel = open_tab(page, "Image")
+    panel.get_by_role("textbox", name=PROMPT).fill("a fox")
+    panel.get_by_role("button", name="Generate", exact=True).click()
+    expect(panel.get_by_text("Seed used:")).to_be_visible()
+    assert last_row(key_server, "image")["status"] == "ok"
+
+
+def test_the_page_contacts_only_the_studio(server, auth_server, key_server, page, requested_urls):
     """Checked over every request of every page in this module (generations, players, viewer, plots, login)."""
     open_studio(page, server.url, "Chat")
     for tabs in (("Chat", "Voice chat"), ("Speech",), ("Speech", "Speech to text"), ("Image",), ("3D",),
                  ("Video",), ("Analytics",), ("Models",)):
         open_tab(page, *tabs)
-    own = {urlsplit(server.url).netloc, urlsplit(auth_server.url).netloc}
+    own = {urlsplit(s.url).netloc for s in (server, auth_server, key_server)}
     elsewhere = {url for url in requested_urls if urlsplit(url).scheme not in LOCAL_SCHEMES
                  and urlsplit(url).netloc not in own}
     assert requested_urls and not elsewhere, f"requests to other hosts: {sorted(elsewhere)}"
