@@ -10,7 +10,7 @@ import gradio as gr
 from studio import modalities
 from studio.runtime import Studio
 from studio.ui import analytics_tab, models_tab, voice_chat_tab
-from studio.ui.controls import handing_off
+from studio.ui.controls import OUTPUTS_KEPT_S, handing_off
 
 # Views that use several modalities at once, each a sub-tab of the tab with its title: (title, label, id, build).
 VIEWS: tuple[tuple[str, str, str, Callable[[Studio], None]], ...] = (
@@ -19,7 +19,8 @@ VIEWS: tuple[tuple[str, str, str, Callable[[Studio], None]], ...] = (
 
 
 def build_ui(studio: Studio) -> gr.Blocks:
-    with gr.Blocks(title="GenAI Studio", analytics_enabled=studio.settings.analytics) as demo:
+    with gr.Blocks(title="GenAI Studio", analytics_enabled=studio.settings.analytics,
+                   delete_cache=(OUTPUTS_KEPT_S, OUTPUTS_KEPT_S)) as demo:
         gr.Markdown("# GenAI Studio\nChat, speech, images and video with LoRA adapters, and 3D, from models on this "
                     "machine.")
         if studio.notice:  # one line until opened: on a phone it would fill the first screen

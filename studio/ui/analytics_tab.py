@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -13,6 +12,7 @@ from studio import modalities
 from studio.runtime import Studio
 from studio.telemetry.analytics import FIGURES, Filters, export_csv, report, storage_warning
 from studio.telemetry.logreader import LogReader
+from studio.ui.controls import output_folder
 
 RANGES = {"Last hour": timedelta(hours=1), "Last 24 hours": timedelta(days=1), "Last 7 days": timedelta(days=7),
           "Last 30 days": timedelta(days=30), "All time": None}
@@ -83,7 +83,7 @@ def export(reader: LogReader, span: str, start: float | None, end: float | None,
     """The selected rows as a CSV file."""
     filters = selection(span, start, end, modalities, models, bucket)
     result = report(reader.read(filters.start, filters.end), filters)
-    out = Path(tempfile.mkdtemp(prefix="studio-export-")) / f"requests-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.csv"
+    out = output_folder("export") / f"requests-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.csv"
     return str(export_csv(result.rows, out))
 
 

@@ -14,13 +14,18 @@ is built (`Handoffs.wire`), so neither tab imports the other.
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import functools
 import logging
 import os
+import shutil
+import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 import gradio as gr
@@ -264,3 +269,30 @@ def send(name: str, trigger: Callable, fn: Callable, inputs: Any) -> None:
     handoffs = _handoffs.get()
     if handoffs is not None:
         handoffs.sends.append((name, trigger, fn, inputs))
+
+
+# ---------------------------------------------------------------------------------------------- files handed to Gradio
+
+OUTPUTS_KEPT_S = 3600  # how long a file handed to Gradio stays (Gradio copies it into its own cache at once)
+
+
+@functools.cache
+def _outputs_root() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="studio-outputs-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def output_folder(kind: str) -> Path:
+    """A fresh folder for the files of one result (an image, a clip, a mesh's formats...), inside one folder of
+    this process's that is removed at exit; results older than `OUTPUTS_KEPT_S` are deleted as new ones come. So
+    the system's temp folder does not fill up with a file per call (Gradio's own copies go with `delete_cache`)."""
+    root = _outputs_root()
+    cutoff = time.time() - OUTPUTS_KEPT_S
+    for old in root.iterdir():
+        try:
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # another thread removed it first
+            pass
+    return Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=root))

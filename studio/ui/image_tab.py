@@ -9,7 +9,6 @@ current image ends after the running step and is shown partly denoised.
 
 from __future__ import annotations
 
-import tempfile
 
 import gradio as gr
 from gradio.data_classes import FileData
@@ -22,6 +21,7 @@ from studio.backends.image_png import png_bytes, read_settings
 from studio.backends.lora import MAX_WEIGHT, save_card
 from studio.backends.shape import ShapeOptions
 from studio.runtime import Studio
+from studio.ui.controls import output_folder
 from studio.ui import controls, lora_cards
 from studio.ui.controls import (Runner, new_request_id, parse_seed, seed_box, shown_to_user, traced,
                                 wire_generation)
@@ -92,9 +92,9 @@ def _card_names(studio: Studio) -> list[str]:
 
 def _save_png(image, settings: dict) -> str:
     """A PNG file with its settings inside (the "parameters" text chunk), for the gallery and downloads."""
-    with tempfile.NamedTemporaryFile(prefix="image-", suffix=".png", delete=False) as fh:
-        fh.write(png_bytes(image, settings))
-        return fh.name
+    path = output_folder("image") / f"image-{settings.get('seed', '')}.png"
+    path.write_bytes(png_bytes(image, settings))
+    return str(path)
 
 
 def _caption(settings: dict) -> str:

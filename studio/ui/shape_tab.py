@@ -7,7 +7,6 @@ session's cancel event; the pipeline ends after the running step and the shape d
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from studio.backends.shape import (FRAME_STEP, MAX_GUIDANCE, MEDIA_TYPES, PREVIE
                                    ShapeRequest, ShapeResult, export_mesh, generate_shape, preview_mesh, turntable_gif)
 from studio.contract import SEED_RANGE
 from studio.runtime import Studio
+from studio.ui.controls import output_folder
 from studio.ui import controls
 from studio.ui.controls import Runner, model_picker, new_request_id, parse_seed, seed_box, wire_generation
 
@@ -56,7 +56,7 @@ def make_shape(shapes: Runner, req: ShapeRequest, *, session: str, progress=None
     started = time.monotonic()
     request_id = new_request_id()
     result = shapes.run(req, session, progress, request_id=request_id)
-    folder = Path(tempfile.mkdtemp(prefix="studio-3d-"))
+    folder = output_folder("3d")
     downloads = []
     for fmt in MEDIA_TYPES:
         path = folder / f"shape-{result.seed}.{fmt}"
@@ -169,9 +169,9 @@ def build(studio: Studio) -> None:
         req = ShapeRequest(prompt=prompt, guidance=guidance, steps=steps, seed=seed, model=model, turntable=False,
                            image=picture)
         result = shapes.run(req, entry="generate_3d")
-        with tempfile.NamedTemporaryFile(prefix=f"shape-{result.seed}-", suffix=".glb", delete=False) as fh:
-            fh.write(export_mesh(result.mesh, "glb"))
-        return FileData(path=fh.name, mime_type=MEDIA_TYPES["glb"])
+        path = output_folder("3d") / f"shape-{result.seed}.glb"
+        path.write_bytes(export_mesh(result.mesh, "glb"))
+        return FileData(path=str(path), mime_type=MEDIA_TYPES["glb"])
 
     generate_3d.__doc__ = generate_3d.__doc__.format(models=", ".join(models))
     gr.api(generate_3d, api_name="generate_3d", concurrency_limit=None)

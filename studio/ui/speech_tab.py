@@ -7,13 +7,13 @@ being spoken and the clip made so far is shown (Gradio's `cancels=` would drop t
 
 from __future__ import annotations
 
-import tempfile
 
 import gradio as gr
 from gradio.data_classes import FileData
 
 from studio.backends.speech import MAX_TEXT_CHARS, SpeechOptions, SpeechRequest, SpeechResult, synthesize, wav_bytes
 from studio.runtime import Studio
+from studio.ui.controls import output_folder
 from studio.ui.controls import Runner, model_picker, new_request_id, parse_seed, seed_box, traced, wire_generation
 
 BARK_CUES = ("**Bark cues:** write `[laughs]`, `[laughter]`, `[sighs]`, `[gasps]`, `[clears throat]` or `[music]` in "
@@ -39,9 +39,9 @@ def model_controls(studio: Studio, model_id: str | None) -> tuple[dict, dict, st
 
 
 def _wav_file(result: SpeechResult) -> str:
-    with tempfile.NamedTemporaryFile(prefix="speech-", suffix=".wav", delete=False) as fh:
-        fh.write(wav_bytes(result))
-        return fh.name
+    path = output_folder("speech") / "speech.wav"
+    path.write_bytes(wav_bytes(result))
+    return str(path)
 
 
 def summary(result: SpeechResult) -> str:

@@ -7,7 +7,6 @@ cancel event; the service checks it between chunks, so the text heard so far is 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from gradio.data_classes import FileData
 from studio.backends.transcription import (TranscriptionOptions, TranscriptionRequest, TranscriptionResult,
                                            language_name, to_srt, to_text, to_vtt, transcribe)
 from studio.runtime import Studio
+from studio.ui.controls import output_folder
 from studio.ui.controls import Runner, new_request_id, traced, wire_generation
 
 AUTO = "auto"
@@ -57,7 +57,7 @@ def stamp(seconds: float) -> str:
 
 def downloads(result: TranscriptionResult, name: str) -> list[str]:
     """The transcript as TXT, SRT and VTT files named after the recording."""
-    folder = Path(tempfile.mkdtemp(prefix="transcript-"))
+    folder = output_folder("transcript")
     paths = []
     for suffix, write in FORMATS.items():
         path = folder / f"{name}.{suffix}"

@@ -8,7 +8,6 @@ no half-made clip is shown or written.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -17,6 +16,7 @@ from gradio.data_classes import FileData
 from studio.backends.video import (FORMATS, MAX_FPS, MAX_GUIDANCE, MIN_SIZE, SHAPES, VideoOptions, VideoRequest,
                                    VideoResult, generate_video)
 from studio.runtime import Studio
+from studio.ui.controls import output_folder
 from studio.ui.controls import Runner, new_request_id, parse_seed, seed_box, traced, wire_generation
 from studio.ui.loras import LoraPicker
 
@@ -49,7 +49,7 @@ def runner(studio: Studio) -> Runner[VideoRequest, VideoResult]:
 
 def save_clip(result: VideoResult) -> dict:
     """The clip's files in a fresh folder: {"mp4": path, ..., "thumbnail": path}."""
-    folder = Path(tempfile.mkdtemp(prefix="studio-video-"))
+    folder = output_folder("video")
     paths = {}
     for fmt, data in result.files.items():
         paths[fmt] = str(folder / f"video-{result.seed}.{fmt}")
