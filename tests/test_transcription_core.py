@@ -31,12 +31,7 @@ MAX_WER = 0.10
 TINY_WHISPER = Registry("tiny", TINY_MODELS).get("tiny-whisper")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest and steadiest
 
 
 @pytest.fixture(scope="module")

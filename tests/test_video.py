@@ -13,7 +13,6 @@ import time
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import call, collect_rows, routes, tiny_studio
@@ -28,13 +27,7 @@ SIZES = {"tiny-animatediff": (8, 64, 80, 8), "tiny-wan": (9, 96, 64, 16)}  # fra
 LORA = "motion-style"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest and steadiest
 
 
 @pytest.fixture(scope="module")

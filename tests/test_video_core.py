@@ -12,7 +12,6 @@ import time
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from studio import devices
@@ -29,13 +28,7 @@ ANIMATEDIFF, WAN = (next(s for s in TINY_MODELS if s.id == name) for name in ("t
 MODELS = {"animatediff": (ANIMATEDIFF, load_animatediff, 8, 64), "wan": (WAN, load_wan, 9, 64)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest and steadiest
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
