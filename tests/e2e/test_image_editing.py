@@ -64,9 +64,9 @@ def test_a_mask_painted_in_the_editor_is_inpainted_and_the_rest_kept(server, pag
     panel.get_by_label("Inpaint", exact=True).check()
     editor = page.locator("#image-editor")
     expect(editor).to_contain_text("paint the area")  # the mode's update has arrived: it would reset an upload
-    editor.locator("input[type=file]").set_input_files(str(tmp_path / "input.png"))
     canvas = editor.locator("canvas").first
-    expect(canvas).to_be_visible()
+    expect(canvas).to_be_visible()  # the editor's drawing surface is up: before it is, an upload is dropped
+    editor.locator("input[type=file]").set_input_files(str(tmp_path / "input.png"))
     assert drawn(page, canvas), "the editor does not show the uploaded image"
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
