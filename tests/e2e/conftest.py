@@ -120,15 +120,22 @@ def requested_urls() -> list[str]:
     return []
 
 
-@pytest.fixture
-def page(browser, requested_urls, request):
-    """A fresh browser session (its own Gradio session) that records its requests and leaves a screenshot of
-    how the test ended in tests/artifacts/<test name>.png, passed or failed."""
-    context = browser.new_context(viewport=VIEWPORT)
+@contextmanager
+def session_page(browser, name: str, **options) -> Iterator:
+    """A fresh browser session (its own Gradio session) that leaves a screenshot of how the test ended in
+    tests/artifacts/<name>.png, passed or failed; `options` are the browser context's (viewport, touch...)."""
+    context = browser.new_context(**options)
     context.set_default_timeout(TIMEOUT_MS)
-    context.on("request", lambda req: requested_urls.append(req.url))
     page = context.new_page()
     yield page
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
     context.close()
+
+
+@pytest.fixture
+def page(browser, requested_urls, request):
+    """A desktop-sized session that records every request it makes."""
+    with session_page(browser, request.node.name, viewport=VIEWPORT) as page:
+        page.on("request", lambda req: requested_urls.append(req.url))
+        yield page

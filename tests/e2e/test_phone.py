@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from e2e.conftest import CHROMIUM, LORA_NAME, TIMEOUT_MS, build_lora, serve
+from e2e.conftest import CHROMIUM, LORA_NAME, build_lora, serve
 
 if not CHROMIUM.exists():
     pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
@@ -33,15 +33,10 @@ def offline_server(tmp_path_factory):
 
 @pytest.fixture
 def phone(browser, request):
-    from e2e.conftest import ARTIFACTS
+    from e2e.conftest import session_page
 
-    context = browser.new_context(**PHONE)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
-    context.close()
+    with session_page(browser, request.node.name, **PHONE) as page:
+        yield page
 
 
 def test_every_tab_is_one_tap_away_and_the_banner_is_one_line(offline_server, phone: Page):

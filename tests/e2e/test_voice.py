@@ -73,15 +73,10 @@ def microphone_browser(question):
 
 @pytest.fixture
 def page(microphone_browser, request):
-    from e2e.conftest import ARTIFACTS, TIMEOUT_MS, VIEWPORT
+    from e2e.conftest import VIEWPORT, session_page
 
-    context = microphone_browser.new_context(viewport=VIEWPORT)
-    context.set_default_timeout(TIMEOUT_MS)
-    page = context.new_page()
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"))
-    context.close()
+    with session_page(microphone_browser, request.node.name, viewport=VIEWPORT) as page:
+        yield page
 
 
 def test_voice_chat_hears_the_microphone_streams_a_reply_and_speaks_it(voice_server, page):
