@@ -108,7 +108,7 @@ def turn(chat: Runner, typed: Any, before: History, asked: History, *sampling: A
     try:
         yield asked, "", "Generating…"
         for history, status in respond(chat, asked, *sampling, session=session, progress=progress):
-            yield history, "", status
+            yield history, gr.update(), status  # the box is left alone: the next message may be typed meanwhile
     except gr.Error as exc:
         gr.Warning(exc.message)
         yield before, typed, f"⚠️ {exc.message}"
@@ -218,8 +218,9 @@ def build(studio: Studio) -> None:
 
     whole = Runner(studio, "chat", complete_chat)
     # Replies decode together (continuous batching): up to --max-batch turns run at once.
-    batching = {"status": None, "go": send, "stop": stop, "concurrency_id": "chat",
-                "concurrency_limit": studio.settings.max_batch}
+    # Send and Retry share one running flag: neither starts a turn while the other's runs; Undo and Clear wait too.
+    batching = {"status": None, "go": [send, retry_btn, undo_btn, clear_btn], "stop": stop, "running": gr.State(False),
+                "concurrency_id": "chat", "concurrency_limit": studio.settings.max_batch}
     wire_generation([message.submit, send.click], run, [message, chatbot, *sampling], [chatbot, message, status],
                     **batching)
     wire_generation([retry_btn.click], run_again, [chatbot, *sampling], [chatbot, message, status], **batching)

@@ -5,7 +5,8 @@ A tab builds its typed request from the form and hands it to its modality's Runn
 request id (the tab shows it with the result, as the log row has it), a per-session Stop, the progress bar, the
 errors as Gradio errors, and on ZeroGPU the GPU reservation estimated by the modality (`Modality.gpu_seconds`).
 The tabs' client/MCP endpoints use the same Runner. `wire_generation` connects a tab's Generate: the button is
-off and Stop on while it runs, and an error is a toast and a line in the status, with the results left in view.
+off and Stop on while it runs (Enter in a text box meanwhile is refused with a notice), and an error is a toast
+and a line in the status, with the results left in view.
 
 A hand-off sends a result of one tab to another tab's input and opens that tab ("Make 3D" on an image): the
 receiving tab `accept`s under a name, the sending one `send`s to the name, and the app wires both once every tab
@@ -89,22 +90,39 @@ def kept_on_error(fn: Callable, outputs: list, status: Any) -> Callable:
     return keeping
 
 
-def busy(running: bool) -> tuple[dict, dict]:
+BUSY = "A generation is running: wait for it to end, or press Stop."
+
+
+def busy(running: bool, buttons: int = 1) -> tuple[dict, ...]:
     """Generate off and Stop on while a generation runs; the other way round when it ended."""
-    return gr.update(interactive=not running), gr.update(interactive=running)
+    return *[gr.update(interactive=not running)] * buttons, gr.update(interactive=running)
 
 
 def wire_generation(triggers: list, fn: Callable, inputs: Any, outputs: list, *, status: Any, go: Any, stop: Any,
-                    **kwargs: Any) -> Any:
+                    running: Any = None, **kwargs: Any) -> Any:
     """A tab's generation event: Generate is off (and Stop on) until it ends, however it ends, and an error is
     shown without hiding earlier results (`kept_on_error`; `status` None: `fn` shows its own errors, as the chat's
-    streaming turn does). The progress shows on the first output only. Returns the generation's event."""
-    started = gr.on(triggers, lambda: busy(True), None, [go, stop], queue=False, api_visibility="private",
-                    show_progress="hidden")
-    ran = started.then(fn if status is None else kept_on_error(fn, outputs, status), inputs, outputs,
-                       api_visibility="private", show_progress_on=outputs[0], **kwargs)
-    ran.then(lambda: busy(False), None, [go, stop], queue=False, api_visibility="private",
-             show_progress="hidden")
+    streaming turn does). The progress shows on the first output only. Returns the generation's event.
+
+    `go` is a button or a list of them (all off while running). A trigger that fires while the generation runs (Enter
+    in a text box: the buttons are off) is refused with a notice and starts nothing. `running` is the session's
+    flag for that (a gr.State(False)); events that must not overlap share one, as Chat's Send and Retry do."""
+    running = gr.State(False) if running is None else running
+    buttons = go if isinstance(go, list) else [go]
+
+    def start(already: bool) -> tuple:
+        if already:
+            raise gr.Error(BUSY, title="Busy", duration=5, print_exception=False)
+        return True, *busy(True, len(buttons))
+
+    # Queued, because Gradio shows an error of an unqueued event as no more than a console line; one start at a
+    # time, so two quick triggers cannot both find the flag down.
+    started = gr.on(triggers, start, running, [running, *buttons, stop], api_visibility="private",
+                    show_progress="hidden", concurrency_id="start", concurrency_limit=1)
+    ran = started.success(fn if status is None else kept_on_error(fn, outputs, status), inputs, outputs,
+                          api_visibility="private", show_progress_on=outputs[0], **kwargs)
+    ran.then(lambda: (False, *busy(False, len(buttons))), None, [running, *buttons, stop], queue=False,
+             api_visibility="private", show_progress="hidden")
     return ran
 
 

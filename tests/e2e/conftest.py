@@ -1,6 +1,9 @@
 """Fixtures for the browser tests: the studio (tiny profile) served on a free port, driven through Debian's
 Chromium by Playwright. Every request a page makes is recorded, so a test can check that the studio's page talks
-to no host but the studio's own, and every test leaves a screenshot in tests/artifacts/."""
+to no host but the studio's own, and every test leaves a screenshot in tests/artifacts/.
+
+Every studio here runs with --api-key: the key guards Gradio's queue, uploads and client API against programs,
+so each browser test also shows that the page a person opens works with the key on."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ TIMEOUT_MS = 60_000  # for actions and expectations: a 2-core machine shared wit
 LORA_MODEL = "tiny-sd-turbo"  # the Image tab's default model, so the test need not switch models
 LORA_NAME = "e2e-style"
 LOGIN = ("e2e", "not-a-real-password")
-API_KEY = "e2e-api-key"  # key_server requires it on every programmatic door: the UI must not notice
+API_KEY = "e2e-api-key"  # every studio served here requires it on every programmatic door
 
 
 @dataclass
@@ -54,11 +57,12 @@ def build_lora(folder: Path) -> str:
 
 @contextmanager
 def serve(*argv: str) -> Iterator[Served]:
-    """Start the real server (UI, client API and routes on one port) on the tiny profile; close it afterwards."""
+    """Start the real server (UI, client API and routes on one port) on the tiny profile, with the API key on;
+    close it afterwards."""
     from studio.server import launch
 
-    settings = parse_settings(["--profile", "tiny", "--port", str(free_port()), "--memory-budget", "4GiB", *argv],
-                              env={})
+    settings = parse_settings(["--profile", "tiny", "--port", str(free_port()), "--memory-budget", "4GiB",
+                               "--api-key", API_KEY, *argv], env={})
     served = Served(create_studio(settings), "")
     served.studio.log.add_listener(served.rows.append)
     demo, url = launch(served.studio, block=False)
@@ -88,13 +92,6 @@ def server(tmp_path_factory) -> Iterator[Served]:
     loras = tmp_path_factory.mktemp("e2e-loras")
     build_lora(loras)
     with serve("--log-dir", str(tmp_path_factory.mktemp("e2e-logs")), "--lora-dir", str(loras)) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def key_server(tmp_path_factory) -> Iterator[Served]:
-    """A studio with --api-key: programs need the key, the page in a browser does not."""
-    with serve("--log-dir", str(tmp_path_factory.mktemp("e2e-key-logs")), "--api-key", API_KEY) as served:
         yield served
 
 

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from e2e.conftest import API_KEY, CHROMIUM, LOGIN, LORA_NAME
+from studio.ui.controls import BUSY
 
 if not CHROMIUM.exists():
     pytest.skip(f"the browser tests need Debian's Chromium at {CHROMIUM} (apt-get install chromium)",
@@ -199,6 +200,33 @@ def test_video_plays_in_the_tab(server, page):
     expect(panel.get_by_role("img", name=re.compile("^seed 3 · 8 frames at 8 fps"))).to_be_visible()  # the list
 
 
+def test_enter_while_a_reply_runs_keeps_the_message_and_starts_nothing(server, page, monkeypatch):
+    """Send and Retry are off while a reply streams; Enter in the box then must not queue a turn behind it (it
+    would be sent with the history of before the reply) but keep the text and say why. Each token is made slow."""
+    with server.studio.cache.use("tiny-llama") as lease:
+        model = lease.model.model
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.1), forward(*a, **k))[1])
+    panel = open_studio(page, server.url, "Chat")
+    set_slider(panel, "Max new tokens", 100)
+    box = panel.get_by_placeholder("Type a message and press Enter")
+    box.fill("first")
+    box.press("Enter")
+    expect(panel.get_by_test_id("bot")).not_to_be_empty()  # the reply streams
+    for button in ("send", "retry", "undo", "clear"):
+        expect(panel.locator(f"#chat-{button}")).to_be_disabled()
+    logged = len(server.rows)
+    box.fill("second")
+    box.press("Enter")
+    expect(page.get_by_text(BUSY)).to_be_visible()
+    expect(panel.locator("#chat-status")).to_contain_text("tokens/s")  # the first reply ended
+    idle(panel)
+    expect(box).to_have_value("second")
+    expect(panel.get_by_test_id("user")).to_have_text(["first"])
+    assert len(server.rows) == logged + 1 and last_row(server, "chat")["status"] == "ok"
+    expect(panel.get_by_role("button", name="Send", exact=True)).to_be_enabled()
+
+
 def test_stop_ends_a_generation_early(server, page, monkeypatch):
     """Stop reaches the running generation whatever the load. Each step is made to last a quarter second (a real
     model's pace), so the 50 steps outlast the click however slow the browser is: with the tiny model's own
@@ -229,6 +257,8 @@ def test_stop_ends_a_generation_early(server, page, monkeypatch):
     generate.click()
     expect(panel.get_by_text(re.compile(r"Step \d+ of 50")).first).to_be_visible()  # steps are running
     expect(generate).to_be_disabled()  # a second click cannot queue a second image
+    panel.get_by_role("textbox", name=PROMPT).press("Shift+Enter")  # nor can submitting the (two-line) prompt
+    expect(page.get_by_text(BUSY)).to_be_visible()
     expect(panel.locator(PROGRESS)).to_have_count(1)  # one progress bar, on the gallery
     stop.click()
     expect(panel.get_by_text("stopped")).to_be_visible()
@@ -296,31 +326,26 @@ def test_login_when_auth_is_on(auth_server, page):
     assert last_row(auth_server, "chat")["status"] == "ok"
 
 
-def test_the_ui_generates_with_an_api_key_set(key_server, page):
-    """The key guards Gradio's queue, runs and uploads against programs; the page's own session cookie lets the UI
-    in: a chat reply and an image."""
+def test_programs_without_the_key_are_refused_while_the_page_works(server, page):
+    """Every browser test here runs with --api-key (conftest): the key guards Gradio's queue against programs, while
+    the page's own session cookie lets the UI in."""
     import httpx
 
-    assert key_server.studio.settings.api_keys == (API_KEY,)
-    anonymous = httpx.post(key_server.url + "/gradio_api/queue/join", json={"data": [], "fn_index": 0,
-                                                                            "session_hash": "x"})
+    assert server.studio.settings.api_keys == (API_KEY,)
+    anonymous = httpx.post(server.url + "/gradio_api/queue/join", json={"data": [], "fn_index": 0,
+                                                                       "session_hash": "x"})
     assert anonymous.status_code == 401
-    send_chat(open_studio(page, key_server.url, "Chat"), "with a key set")
-    assert last_row(key_server, "chat")["status"] == "ok"
-    panel = open_tab(page, "Image")
-    panel.get_by_role("textbox", name=PROMPT).fill("a fox")
-    panel.get_by_role("button", name="Generate", exact=True).click()
-    expect(panel.get_by_text("Seed used:")).to_be_visible()
-    assert last_row(key_server, "image")["status"] == "ok"
+    send_chat(open_studio(page, server.url, "Chat"), "with a key set")
+    assert last_row(server, "chat")["status"] == "ok"
 
 
-def test_the_page_contacts_only_the_studio(server, auth_server, key_server, page, requested_urls):
+def test_the_page_contacts_only_the_studio(server, auth_server, page, requested_urls):
     """Checked over every request of every page in this module (generations, players, viewer, plots, login)."""
     open_studio(page, server.url, "Chat")
     for tabs in (("Chat", "Voice chat"), ("Speech",), ("Speech", "Speech to text"), ("Image",), ("3D",),
                  ("Video",), ("Analytics",), ("Models",)):
         open_tab(page, *tabs)
-    own = {urlsplit(s.url).netloc for s in (server, auth_server, key_server)}
+    own = {urlsplit(s.url).netloc for s in (server, auth_server)}
     elsewhere = {url for url in requested_urls if urlsplit(url).scheme not in LOCAL_SCHEMES
                  and urlsplit(url).netloc not in own}
     assert requested_urls and not elsewhere, f"requests to other hosts: {sorted(elsewhere)}"
