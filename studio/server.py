@@ -22,7 +22,7 @@ from studio.api.errors import ERROR_HANDLERS
 from studio.api.security import AccessMiddleware
 from studio.runtime import Studio, describe, preload_ids
 from studio.telemetry.middleware import RequestIdMiddleware
-from studio.ui import build_ui
+from studio.ui import build_ui, page
 
 PUBLIC_QUEUE_SIZE = 32  # requests waiting beyond this are turned away ("queue full") instead of piling up
 
@@ -126,6 +126,8 @@ def launch(studio: Studio, *, block: bool = True) -> tuple[gr.Blocks, str]:
         prevent_thread_lock=True,
         quiet=True,
         app_kwargs=app_kwargs(studio),
+        css=page.CSS,
+        js=page.SCRIPT,
     )
     print(f"* Running on local URL:  {local_url}", flush=True)
     if demo.mcp_error:

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from conftest import call, routes, tiny_studio
 from studio.backends.image import ImageRequest, generate_images, list_loras, validate
-from studio.backends.lora import LoraError, base_of, find, inspect_file, save_card
+from studio.backends.lora import LoraError, base_label, base_of, find, inspect_file, save_card
+from studio.config import format_size
 from studio.tiny.image import random_lora
 from studio.ui import lora_cards
 
@@ -125,6 +126,11 @@ def test_the_picker_offers_only_adapters_for_the_models_family_and_greys_out_the
     assert "lora-off" in html[html.rindex("<div", 0, html.index('data-lora="xl/style"')):html.index(
         'data-lora="xl/style"')]
     assert "made for Stable Diffusion XL, tiny-sd is Stable Diffusion 1.x" in xl_card
+    for info in infos:  # each card says the family, the file's format and its size
+        card = html[html.index(f'data-lora="{info.name}"'):]
+        facts = f"{base_label(info.base) if info.base else 'family unknown'} · {info.format} · "
+        assert f"{facts}{format_size(info.path.stat().st_size)}</span>" in card[:card.index("</div></div>")]
+    assert {info.format for info in infos} == {"diffusers", "kohya"}
     assert "trigger: <code>ohwx fox</code>" in html and "fox (20)" in html
     assert lora_cards.missing_triggers("a red fox", ["fox", "plain"], infos) == ["ohwx fox"]
     assert lora_cards.missing_triggers("an ohwx fox in snow", ["fox"], infos) == []

@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from studio.backends.lora import LoraInfo, base_label, fits
+from studio.config import format_size
 
 THUMBNAIL = 96  # pixels, a card's preview
 TAGS_SHOWN = 8
@@ -47,8 +48,8 @@ def preferred_weight(name: str, infos: list[LoraInfo]) -> float:
 
 
 def cards_html(infos: list[LoraInfo], base: str | None, model: str, family: str) -> str:
-    """Every adapter as a card (preview, family, trigger words, training tags, weight, note); those made for
-    another family, and unusable files, greyed out with the reason."""
+    """Every adapter as a card (preview, family, format and size, trigger words, training tags, weight, note);
+    those made for another family, and unusable files, greyed out with the reason."""
     if not infos:
         return ""
     cards = []
@@ -59,8 +60,9 @@ def cards_html(infos: list[LoraInfo], base: str | None, model: str, family: str)
         card = info.card
         thumb = (f'<img src="{_thumbnail(card.preview, card.preview.stat().st_mtime_ns)}" alt="">' if card.preview
                  else '<div class="lora-noimg">no preview</div>')
+        made_for = base_label(info.base) if info.base else "family unknown"
         facts = [f"<b>{html.escape(info.name)}</b>",
-                 f"<span>{html.escape(base_label(info.base)) if info.base else 'family unknown'}</span>"]
+                 f"<span>{html.escape(made_for)} · {info.format} · {format_size(info.path.stat().st_size)}</span>"]
         if card.trigger_words:
             facts.append(f"<span>trigger: <code>{html.escape(', '.join(card.trigger_words))}</code></span>")
         if card.tags:

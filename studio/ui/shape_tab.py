@@ -113,7 +113,8 @@ def build(studio: Studio) -> None:
                 go = gr.Button("Generate", variant="primary")
                 stop = gr.Button("Stop", variant="stop", interactive=False)
         with gr.Column(scale=3):
-            viewer = gr.Model3D(label="Preview: drag to rotate, scroll to zoom", clear_color=(0.95, 0.95, 0.95, 1.0))
+            viewer = gr.Model3D(label="Preview: drag to rotate, scroll to zoom", clear_color=(0.95, 0.95, 0.95, 1.0),
+                                elem_id="shape-viewer")
             status = gr.Markdown()
             with gr.Row():
                 spin = gr.Image(label="Turntable", type="filepath", interactive=False, height=TURNTABLE_PX,

@@ -180,6 +180,19 @@ def test_3d_shape_shows_the_preview_canvas(server, page):
     assert drawn(page, canvas), "the 3D preview shows no mesh"
     row = last_row(server, "3d")
     assert (row["status"], row["steps"]) == ("ok", 2) and row["faces"] > 0
+    offered = [link.get_attribute("download") for link in panel.locator("a[download]").all() if link.is_visible()]
+    assert sorted(offered) == sorted(f"shape-{row['seed']}.{fmt}" for fmt in ("glb", "ply", "obj")), offered
+
+
+def test_a_size_typed_past_the_cap_is_set_to_it_with_a_notice(server, page):
+    panel = open_studio(page, server.url, "Image")
+    width = panel.get_by_label("number input for Width", exact=True)
+    cap = width.get_attribute("max")
+    fill(width, 10000)
+    expect(width).to_have_value(cap)
+    expect(panel.get_by_role("status")).to_have_text(f"10000 is more than this allows: set to {cap}.")
+    fill(width, 64)  # a value in range takes the notice away
+    expect(panel.locator(".clamp-notice")).to_have_count(0)
 
 
 def test_video_plays_in_the_tab(server, page):
