@@ -20,6 +20,7 @@ from studio.backends.quantization import Int8Linear
 from studio.tiny import speech as tiny_speech
 from studio.tiny import text as tiny_text
 from studio.ui import chat_tab, speech_tab
+from studio.weights import ensure_local
 
 TINY = SimpleNamespace(options={})
 CHAT_BUILDERS = {"phi3": tiny_text.build_phi3, "gemma": tiny_text.build_gemma, "mistral": tiny_text.build_mistral}
@@ -136,6 +137,8 @@ def test_a_quantized_user_model_is_smaller_and_sized_before_it_loads(make_studio
 def test_a_model_kept_loaded_is_passed_by_eviction_and_only_an_unload_frees_it(make_studio, tmp_path, built):
     (tmp_path / "models.yaml").write_text(f"models:\n  - {{id: phi3, modality: chat, source: {built['phi3']}}}\n")
     studio = make_studio("--models", str(tmp_path / "models.yaml"))
+    for model_id in ("tiny-qwen2", "tiny-llama"):  # built first: a tiny model not built yet is sized from its
+        ensure_local(studio.registry.get(model_id))  # parameter count, a looser estimate than its files' headers
     size = {m.id: m.size_bytes for m in studio.manager.catalog("chat")}
     studio.cache.budget = size["tiny-qwen2"] + size["tiny-llama"] + size["phi3"] // 2  # two fit, not three
     with routes(studio) as http:
