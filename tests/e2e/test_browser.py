@@ -215,13 +215,15 @@ def test_video_plays_in_the_tab(server, page):
 
 def test_enter_while_a_reply_runs_keeps_the_message_and_starts_nothing(server, page, monkeypatch):
     """Send and Retry are off while a reply streams; Enter in the box then must not queue a turn behind it (it
-    would be sent with the history of before the reply) but keep the text and say why. Each token is made slow."""
+    would be sent with the history of before the reply) but keep the text and say why. Each token is made slow
+    and the reply long: at least 64 tokens (the default length) of 0.2 s, never ended early by a random-weight
+    end-of-sequence token."""
     with server.studio.cache.use("tiny-llama") as lease:
         model = lease.model.model
         forward = model.forward
-        monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.1), forward(*a, **k))[1])
+        monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.2), forward(*a, **k))[1])
+        monkeypatch.setattr(lease.model.engine, "eos", frozenset())
     panel = open_studio(page, server.url, "Chat")
-    set_slider(panel, "Max new tokens", 100)
     box = panel.get_by_placeholder("Type a message and press Enter")
     box.fill("first")
     box.press("Enter")
