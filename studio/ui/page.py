@@ -4,7 +4,7 @@ them there, not per Blocks)."""
 from __future__ import annotations
 
 CSS = """
-/* The 3D viewer's own download would give the preview's mesh, maybe simplified: the files beside it are the full one. */
+/* The 3D viewer's own download would give the preview's mesh, maybe simplified: the files beside it have it all. */
 #shape-viewer [data-testid="model3d-download-link"] {display: none;}
 .clamp-notice {color: var(--color-accent); font-size: var(--text-sm); margin-top: 4px;}
 """
