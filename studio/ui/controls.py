@@ -112,7 +112,7 @@ def wire_generation(triggers: list, fn: Callable, inputs: Any, outputs: list, *,
 
     def start(already: bool) -> tuple:
         if already:
-            raise gr.Error(BUSY, title="Busy", duration=5, print_exception=False)
+            raise gr.Error(BUSY, duration=5, print_exception=False)
         return True, *busy(True, len(buttons))
 
     # Queued, because Gradio shows an error of an unqueued event as no more than a console line; one start at a
