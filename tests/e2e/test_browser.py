@@ -124,6 +124,13 @@ def drawn(page: Page, canvas: Locator, seconds: float = 30) -> bool:
     return False
 
 
+def slow_down(module, seconds: float, monkeypatch) -> None:
+    """Make each forward of a loaded model last `seconds` longer (a real model's pace), so that a generation
+    outlasts the clicks a test makes during it however slow the browser is."""
+    forward = module.forward
+    monkeypatch.setattr(module, "forward", lambda *a, **k: (time.sleep(seconds), forward(*a, **k))[1])
+
+
 def send_chat(panel: Locator, message: str) -> None:
     """Send a message on the Chat tab and wait for the reply to finish."""
     panel.get_by_placeholder("Type a message and press Enter").fill(message)
@@ -219,9 +226,7 @@ def test_enter_while_a_reply_runs_keeps_the_message_and_starts_nothing(server, p
     and the reply long: at least 64 tokens (the default length) of 0.2 s, never ended early by a random-weight
     end-of-sequence token."""
     with server.studio.cache.use("tiny-llama") as lease:
-        model = lease.model.model
-        forward = model.forward
-        monkeypatch.setattr(model, "forward", lambda *a, **k: (time.sleep(0.2), forward(*a, **k))[1])
+        slow_down(lease.model.model, 0.2, monkeypatch)
         monkeypatch.setattr(lease.model.engine, "eos", frozenset())
     panel = open_studio(page, server.url, "Chat")
     box = panel.get_by_placeholder("Type a message and press Enter")
@@ -247,9 +252,7 @@ def test_stop_ends_a_generation_early(server, page, monkeypatch):
     model's pace), so the 50 steps outlast the click however slow the browser is: with the tiny model's own
     50-ms steps the generation could finish before a click on a busy machine arrived, a race of the test."""
     with server.studio.cache.use("tiny-sd") as lease:
-        unet = lease.model.pipe.unet
-        forward = unet.forward
-        monkeypatch.setattr(unet, "forward", lambda *a, **k: (time.sleep(0.25), forward(*a, **k))[1])
+        slow_down(lease.model.pipe.unet, 0.25, monkeypatch)
     panel = open_studio(page, server.url, "Image")
     choose(page, panel, "Model", "tiny-sd")  # its largest image with guidance: the slowest steps to stop
     steps = panel.get_by_label("number input for Steps", exact=True)
